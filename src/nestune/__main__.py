@@ -1,0 +1,3 @@
+from nestune.cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""One typed configuration for every stage.
+
+Layers, later wins: defaults < preset (`default` or `smoke`) < config file (TOML) < environment
+(`NESTUNE_<SECTION>__<KEY>`, e.g. `NESTUNE_TRAIN__LR=1e-3`) < command-line flags (`--set train.lr=1e-3`
+or the named flags of each subcommand). The resolved config is saved as `config.json` in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NestuneError
+
+
+@dataclass
+class DetectConfig:
+    harmful: str = "advbench"  # bundled set name or file; only its `detect` split is used
+    benign: str = "benign-qa"
+    n_prompts: int = 160  # per class (harmful and benign are balanced)
+    min_prompts: int = 16  # fewer per class than this gives probes too little to learn from
+    batch_size: int = 16
+    max_length: int = 256  # prompt tokens; longer prompts are cut from the left of the user text
+    probe_epochs: int = 5000
+    probe_lr: float = 1e-3
+    probe_weight_decay: float = 1e-3
+    heldout_fraction: float = 0.25  # of the detect prompts, kept out of probe training for the AUC
+    z_threshold: float = 3.0
+    sign: str = "positive"  # positive: more active on harmful prompts; negative; both (|z|)
+
+
+@dataclass
+class ClusterConfig:
+    scope: str = "module"  # module, layer or global
+    k_max: int = 8
+    n_init: int = 10
+
+
+@dataclass
+class TrainConfig:
+    method: str = "nest"  # nest, full, lora, circuit-breakers, neurons, random
+    n_harmful: int = 96  # harmful prompts from the train split
+    n_benign: int = 96  # benign prompts whose original answers are kept
+    epochs: int = 2
+    max_steps: int = 0  # 0: no step limit (epochs decide)
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original
+    benign_weight: float = 1.0
+    answer_tokens: int = 48  # length of the cached original answers and of refusal targets
+    max_length: int = 256
+    bf16: bool = False  # autocast in bf16 (GPU)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+
+
+@dataclass
+class EvalConfig:
+    behaviours: str = "advbench"  # only its `heldout` split is used when it is the detect/train set
+    n_behaviours: int = 24
+    attacks: str = "default"  # default, all, or a comma list of template names plus none/prefill
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    judge: str = "refusal"  # refusal, hf:<classifier model>, openai:<base url>#<model>
+    overrefusal: str = "overrefusal"
+    n_overrefusal: int = 40
+    utility_tasks: str = "arc-easy,arc-challenge,mmlu,gsm8k"
+    n_utility: int = 60  # items per multiple-choice task
+    n_gsm8k: int = 10
+    n_kl: int = 32  # benign prompts for the next-token KL
+    bootstrap: int = 1000
+    generator: str = "hf"  # hf or vllm
+
+
+@dataclass
+class Config:
+    model: str = "smollm2-135m"
+    out: str = "runs/latest"
+    preset: str = "default"
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str = ""  # "" (one device) or "auto"
+    trust_remote_code: bool = False
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("detect", "cluster", "train", "eval")
+
+# The smoke preset runs the whole line on smollm2-135m in about a minute: for tests and quick checks.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "smoke": {
+        "detect": {"n_prompts": 24, "min_prompts": 8, "probe_epochs": 500, "max_length": 96},
+        "cluster": {"k_max": 4, "n_init": 3},
+        "train": {"n_harmful": 12, "n_benign": 12, "epochs": 1, "answer_tokens": 16, "max_length": 128},
+        "eval": {"n_behaviours": 4, "attacks": "none,prefill,aim", "max_new_tokens": 24, "n_overrefusal": 4,
+                 "n_utility": 8, "n_gsm8k": 2, "n_kl": 4, "bootstrap": 200, "utility_tasks": "arc-easy"},
+    },
+}
+
+
+def _coerce(value: str, typ: type, key: str):
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise NestuneError(f"setting {key}: '{value}' is not a boolean", "use true or false")
+    try:
+        return typ(value)
+    except ValueError:
+        raise NestuneError(f"setting {key}: '{value}' is not a valid {typ.__name__}", "fix the value") from None
+
+
+def _field_types(obj) -> dict[str, type]:
+    hints = {"int": int, "float": float, "str": str, "bool": bool}
+    return {f.name: hints.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            for f in dataclasses.fields(obj)}
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set `section.key` or a top-level `key`; strings are converted to the field's type."""
+    parts = key.replace("-", "_").split(".")
+    target = cfg
+    if len(parts) == 2 and parts[0] in SECTIONS:
+        target = getattr(cfg, parts[0])
+    elif len(parts) != 1 or parts[0] in SECTIONS:
+        raise NestuneError(f"unknown setting '{key}'", f"use section.key with a section in {', '.join(SECTIONS)}")
+    name = parts[-1]
+    types = _field_types(target)
+    if name not in types:
+        raise NestuneError(f"unknown setting '{key}'", f"known keys here: {', '.join(types)}")
+    if isinstance(value, str) and types[name] is not str:
+        value = _coerce(value, types[name], key)
+    elif types[name] is float and isinstance(value, int):
+        value = float(value)
+    setattr(target, name, value)
+
+
+def _apply_tree(cfg: Config, tree: dict, origin: str) -> None:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                set_value(cfg, f"{key}.{sub}", v)
+        else:
+            set_value(cfg, key, value)
+
+
+def load_config(
+    config_file: str | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Resolve the layered configuration. `overrides` are the command-line values (None = not given)."""
+    environ = os.environ if environ is None else environ
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    file_tree: dict = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise NestuneError(f"config file '{config_file}' does not exist", "check the path")
+        try:
+            file_tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise NestuneError(f"config file '{config_file}' is not valid TOML: {e}", "fix the file") from None
+    env = {k[len("NESTUNE_"):].lower().replace("__", "."): v for k, v in environ.items()
+           if k.startswith("NESTUNE_") and k not in ("NESTUNE_CACHE",)}
+
+    # The preset itself can come from any layer; the highest one that names it wins.
+    chosen = overrides.get("preset") or env.get("preset") or file_tree.get("preset") or preset or "default"
+    if chosen not in PRESETS:
+        raise NestuneError(f"unknown preset '{chosen}'", f"use one of {', '.join(PRESETS)}")
+    cfg = Config(preset=chosen)
+    _apply_tree(cfg, PRESETS[chosen], "preset")
+    _apply_tree(cfg, file_tree, "config file")
+    for key, value in env.items():
+        set_value(cfg, key, value)
+    for key, value in overrides.items():
+        set_value(cfg, key, value)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = Config()
+    _apply_tree(cfg, tree, "saved config")
+    return cfg

@@ -1,0 +1,107 @@
+"""Folding: write the hardened model as an ordinary Hugging Face checkpoint (DESIGN.md 1.4).
+
+The folded folder (safetensors + config + tokenizer + a model card) loads with
+AutoModelForCausalLM.from_pretrained and needs nestune for nothing. It is written to a temporary folder
+and renamed into place, so an interrupted fold never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .config import Config
+from .errors import NestuneError
+from .io import read_json, write_json
+from .models import LoadedModel, load_model
+from .runfolder import RunFolder
+
+
+def save_checkpoint_folder(loaded: LoadedModel, out: Path, card: str) -> None:
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model = loaded.model
+    model.hf_quantizer = None  # a GGUF-loaded model keeps a quantizer that cannot be serialised
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(card)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def model_card(cfg: Config, run: RunFolder, adapter_config: dict) -> str:
+    detect = read_json(run.path / "detect" / "DONE.json") if run.done("detect") else {}
+    train = read_json(run.path / "train" / "summary.json") if (run.path / "train" / "summary.json").exists() else {}
+    lines = [
+        "---",
+        f"base_model: {cfg.model}",
+        "tags: [nestune, safety, neuron-selective-tuning]",
+        "---",
+        f"# {Path(cfg.model).name} hardened with nestune ({adapter_config.get('method', 'nest')})",
+        "",
+        "This checkpoint is the base model with NeST (Neuron Selective Tuning) cluster updates folded into "
+        "the feed-forward input projections. Every weight outside the updated rows is bit-identical to the "
+        "base model. It loads with `AutoModelForCausalLM.from_pretrained` and needs no extra code.",
+        "",
+        "| what | value |",
+        "|---|---|",
+        f"| base model | `{cfg.model}` (weights hash `{adapter_config.get('base_weights_hash')}`) |",
+        f"| safety neurons updated | {train.get('n_neurons', '?')} in {train.get('n_clusters', '?')} clusters |",
+        f"| trainable parameters | {adapter_config.get('trainable_parameters', '?'):,} |",
+        f"| detection | z > {cfg.detect.z_threshold}, mean probe AUC {detect.get('mean_auc', '?')} |",
+        f"| training | {train.get('steps', '?')} steps, {train.get('n_harmful', '?')} harmful + "
+        f"{train.get('n_benign', '?')} benign prompts, final loss {train.get('final_loss', '?')} |",
+        "",
+        "Evaluation results, when the run evaluated the model, are in the run folder's `results.json` and "
+        "`report.html`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_fold(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> Path:
+    """Fold RUN/train/adapter into the base model and save it to RUN/fold/model."""
+    from .tuner import NeSTAdapter, check_same_base
+
+    train_dir = run.require("train", "run `nestune train --run RUN` first")
+    out = run.stage("fold") / "model"
+    merged = train_dir / "merged"  # baselines that merge while training (LoRA, full) leave their model here
+    if merged.exists():
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(merged, out)
+        run.mark_done("fold", {"path": str(out)})
+        return out
+    adapter_dir = train_dir / "adapter"
+    if not adapter_dir.exists():
+        raise NestuneError(f"no adapter in '{train_dir}'", "rerun `nestune train`")
+    loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    adapter, config = NeSTAdapter.load(adapter_dir)
+    check_same_base(config, loaded.model)
+    adapter.fold(loaded.model)
+    save_checkpoint_folder(loaded, out, model_card(cfg, run, config))
+    write_json(run.stage("fold") / "summary.json", {"path": str(out), "trainable_params": config.get(
+        "trainable_parameters")})
+    run.mark_done("fold", {"path": str(out)})
+    print(f"folded model written to {out}", flush=True)
+    return out
+
+
+def apply_adapter(adapter_dir: str, model_spec: str, out: str, device="auto", dtype="auto") -> Path:
+    """`nestune apply`: fold a saved adapter into its base model and save the result."""
+    from .tuner import NeSTAdapter, check_same_base
+
+    adapter, config = NeSTAdapter.load(adapter_dir)
+    loaded = load_model(model_spec, device, dtype)
+    check_same_base(config, loaded.model)
+    adapter.fold(loaded.model)
+    card = (f"# {model_spec} + NeST adapter\n\nFolded from `{adapter_dir}` by `nestune apply` "
+            f"({config.get('trainable_parameters')} trainable parameters).\n")
+    save_checkpoint_folder(loaded, Path(out), card)
+    return Path(out)

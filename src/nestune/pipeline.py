@@ -1,0 +1,93 @@
+"""`nestune run`: detect -> cluster -> evaluate the base -> train -> fold -> evaluate the hardened model -> report.
+
+Each stage is skipped when its DONE.json exists in the run folder, so a killed run resumes where it
+stopped. The base model is loaded once; the hardened model is evaluated from the folded checkpoint on
+disk, which also proves that the checkpoint loads as a plain Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .config import Config
+from .io import read_json, write_json
+from .models import LoadedModel, load_model
+from .runfolder import RunFolder
+
+
+def _load(cfg: Config, spec: str | None = None) -> LoadedModel:
+    return load_model(spec or cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
+                      trust_remote_code=cfg.trust_remote_code)
+
+
+def evaluate_stage(cfg: Config, run: RunFolder, stage: str, loaded: LoadedModel) -> dict:
+    from .evaluate.run import evaluate_model
+
+    start = time.perf_counter()
+    metrics = evaluate_model(loaded, cfg, run.stage(stage))
+    run.mark_done(stage, {"wall_s": round(time.perf_counter() - start, 1)})
+    return metrics
+
+
+def run_pipeline(cfg: Config, evaluate: bool = True) -> dict:
+    from .cluster import run_cluster
+    from .detect import run_detect
+    from .fold import run_fold
+    from .train import run_train
+
+    run = RunFolder(cfg.out)
+    run.save_config(cfg)
+    timings = read_json(run.path / "timings.json") if (run.path / "timings.json").exists() else {}
+    base: LoadedModel | None = None
+
+    def base_model() -> LoadedModel:
+        nonlocal base
+        if base is None:
+            base = _load(cfg)
+        return base
+
+    def stage(name: str, fn) -> None:
+        if run.done(name):
+            print(f"[{name}] already complete in {run.path / name}; skipping", flush=True)
+            return
+        print(f"[{name}]", flush=True)
+        start = time.perf_counter()
+        fn()
+        timings[name] = round(time.perf_counter() - start, 1)
+        write_json(run.path / "timings.json", timings)
+
+    needs_selection = cfg.train.method in ("nest", "neurons", "random")
+    if needs_selection:
+        stage("detect", lambda: run_detect(cfg, run, loaded=base_model()))
+        stage("cluster", lambda: run_cluster(cfg, run))
+    if evaluate:
+        stage("eval-before", lambda: evaluate_stage(cfg, run, "eval-before", base_model()))
+    stage("train", lambda: run_train(cfg, run, loaded=base_model()))
+    stage("fold", lambda: run_fold(cfg, run, loaded=base_model()))
+    base = None  # folding changed its weights in place; the hardened model is read back from disk
+    if evaluate:
+        folded = str(run.path / "fold" / "model")
+        stage("eval-after", lambda: evaluate_stage(cfg, run, "eval-after", _load(cfg, folded)))
+        from .report import build_report, print_summary
+
+        paths = build_report(run)
+        print_summary(run)
+        print(f"\nreport: {paths['html']}\nhardened model: {folded}", flush=True)
+    return timings
+
+
+def eval_command(cfg: Config, adapter: str | None = None) -> dict:
+    """`nestune eval`: evaluate one model (base, folded, or base + adapter) into RUN/eval."""
+    from .tuner import NeSTAdapter, check_same_base
+
+    run = RunFolder(cfg.out)
+    loaded = _load(cfg)
+    if adapter:
+        nest, config = NeSTAdapter.load(adapter)
+        check_same_base(config, loaded.model)
+        nest.attach(loaded.model)
+    metrics = evaluate_stage(cfg, run, "eval", loaded)
+    from .report import print_metrics
+
+    print_metrics(metrics)
+    return metrics

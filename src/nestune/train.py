@@ -1,0 +1,334 @@
+"""Training: the data, the objective and one loop, shared by NeST and the baselines (DESIGN.md 1.3).
+
+Data (no jailbreak prompts, ever):
+- harmful prompts from the train split -> a refusal: the model's own refusal where it already refuses,
+  otherwise a sentence from a varied refusal bank;
+- benign prompts from the train split -> the original model's own greedy answer (cross-entropy), or a KL
+  term to the original model's next-token distribution over that answer.
+The original answers are generated once, before training, and cached in RUN/train/targets.jsonl.
+
+Loss only on response tokens. AdamW over the trainable parameters only. A checkpoint (trainable tensors,
+optimizer state, position) is written at the end of each epoch in safetensors + JSON, and a rerun resumes
+from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import Config
+from .errors import NestuneError
+from .io import read_json, save_tensors, write_json, write_text
+from .models import LoadedModel, chat_prompts, input_device
+from .runfolder import RunFolder
+
+REFUSAL_BANK = [
+    "I'm sorry, but I can't help with that.",
+    "I can't assist with that request.",
+    "I'm sorry, but I cannot provide that information. It could be used to cause serious harm.",
+    "I won't help with this. If you have a different question, I'm happy to help.",
+    "I cannot help with that, as it could put people at risk.",
+    "Sorry, but I'm not able to help with this request.",
+    "I'm unable to provide instructions for that. It would be harmful and possibly illegal.",
+    "I can't help with creating or spreading anything meant to hurt people.",
+    "I must decline this request because it could lead to harm.",
+    "I'm sorry, I can't do that. Is there something else I can help you with?",
+    "That's not something I can help with. Please consider a safe and legal alternative.",
+    "I cannot fulfil this request. Helping with it could cause real harm to others.",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training targets
+
+
+def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None, benign=None) -> list[dict]:
+    """Prompts and the responses to train towards, generated once and cached in RUN/train/targets.jsonl."""
+    path = run.stage("train") / "targets.jsonl"
+    if path.exists():
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from . import data
+    from .evaluate.generate import HFGenerator
+    from .evaluate.judges import RefusalJudge
+
+    t = cfg.train
+    if harmful is None:
+        harmful = [p.text for p in data.pick(cfg.detect.harmful, "train", t.n_harmful, cfg.seed)]
+    if benign is None:
+        benign = [p.text for p in data.pick(cfg.detect.benign, "train", t.n_benign, cfg.seed)]
+    if not harmful:
+        raise NestuneError("no harmful training prompts", "pass a non-empty harmful set (--harmful)")
+    generator = HFGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size,
+                            max_length=t.max_length)
+    print(f"generating the original model's answers to {len(harmful)} harmful and {len(benign)} benign "
+          f"training prompts ({t.answer_tokens} tokens each)", flush=True)
+    responses = generator.generate(harmful + benign, None, t.answer_tokens)
+    refused = RefusalJudge().judge(harmful, responses[: len(harmful)])
+    rng = random.Random(cfg.seed)
+    rows = []
+    for prompt, response, own in zip(harmful, responses, refused):
+        target = response.strip() if own else rng.choice(REFUSAL_BANK)
+        rows.append({"kind": "harmful", "prompt": prompt, "response": target, "own_refusal": bool(own)})
+    for prompt, response in zip(benign, responses[len(harmful):]):
+        rows.append({"kind": "benign", "prompt": prompt, "response": response.strip()})
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenising and batching
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 on prompt tokens: the loss sees response tokens only
+    benign: bool
+
+
+def tokenize_examples(tokenizer, rows: list[dict], max_length: int) -> list[Example]:
+    prompts = chat_prompts(tokenizer, [r["prompt"] for r in rows])
+    examples = []
+    eos = tokenizer.eos_token or ""
+    for row, prompt in zip(rows, prompts):
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(row["response"] + eos, add_special_tokens=False)["input_ids"]
+        p_ids = p_ids[-max(1, max_length - len(r_ids)):]  # keep the prompt's end (the generation prompt)
+        ids = (p_ids + r_ids)[:max_length]
+        labels = ([-100] * len(p_ids) + r_ids)[:max_length]
+        examples.append(Example(ids, labels, row["kind"] == "benign"))
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-pad a batch (training needs no generation, so no left padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    benign = torch.tensor([e.benign for e in examples])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+            "benign": benign.to(device)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Objective
+
+
+def response_loss(model, batch, cfg: Config, reference=None) -> torch.Tensor:
+    """Mean over examples of the per-example mean token loss on response tokens.
+
+    Harmful examples: cross-entropy to the refusal. Benign examples: cross-entropy to the original answer,
+    or (benign_loss = "kl") KL(original || adapted) of the next-token distributions on the answer tokens,
+    where `reference()` is a context in which the model is the original one (adapter disabled).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = (labels != -100).float()
+    ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+    per_token = ce
+    if cfg.train.benign_loss == "kl" and batch["benign"].any():
+        if reference is None:
+            raise NestuneError("benign_loss 'kl' needs the original model", "use benign_loss = 'answer'")
+        with torch.no_grad(), reference():
+            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(ref.float(), -1), log_target=True,
+                      reduction="none").sum(-1)
+        per_token = torch.where(batch["benign"][:, None], kl, ce)
+    per_example = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+    weights = torch.where(batch["benign"], cfg.train.benign_weight, 1.0)
+    return (per_example * weights).sum() / weights.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints (no pickle: tensors in safetensors, the rest in JSON)
+
+
+def save_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer, position: dict) -> None:
+    tensors = {f"param.{k}": v for k, v in params.items()}
+    for i, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    save_tensors(folder / "checkpoint.safetensors", tensors)
+    write_json(folder / "checkpoint.json", position)  # written last: a checkpoint without it is ignored
+
+
+def load_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer) -> dict | None:
+    if not (folder / "checkpoint.json").exists() or not (folder / "checkpoint.safetensors").exists():
+        return None
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "checkpoint.safetensors"))
+    with torch.no_grad():
+        for k, v in params.items():
+            v.copy_(tensors[f"param.{k}"])
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    return read_json(folder / "checkpoint.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Example], cfg: Config,
+               folder: Path, loss_fn=None, pad_id: int = 0, accelerator=None) -> dict:
+    """AdamW on `params` over `examples` for cfg.train.epochs (or max_steps); resumable per epoch.
+
+    `loss_fn(model, batch)` defaults to `response_loss`. Returns stats: steps, final loss, wall time,
+    peak memory, examples seen.
+    """
+    t = cfg.train
+    if not examples:
+        raise NestuneError("no training examples", "check the harmful and benign training sets")
+    loss_fn = loss_fn or (lambda m, b: response_loss(m, b, cfg))
+    optimizer = torch.optim.AdamW(list(params.values()), lr=t.lr, weight_decay=t.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / (t.batch_size * t.grad_accum))
+    total_steps = t.max_steps or steps_per_epoch * t.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    position = load_checkpoint(folder, params, optimizer) or {"epoch": 0, "step": 0, "losses": []}
+    if position["epoch"]:
+        print(f"resuming training after epoch {position['epoch']} (step {position['step']})", flush=True)
+    device = input_device(model)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext())
+    start, step = time.perf_counter(), position["step"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    for epoch in range(position["epoch"], epochs):
+        order = list(range(len(examples)))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+        for i in range(0, len(batches), t.grad_accum):
+            if step >= total_steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            group, loss_sum = batches[i:i + t.grad_accum], 0.0
+            for idx in group:
+                batch = collate([examples[j] for j in idx], pad_id, device)
+                with autocast:
+                    loss = loss_fn(model, batch) / len(group)
+                if accelerator is not None:
+                    accelerator.backward(loss)
+                else:
+                    loss.backward()
+                loss_sum += loss.item()
+            optimizer.step()
+            step += 1
+            position["losses"].append(round(loss_sum, 5))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=epoch + 1)
+        position.update(epoch=epoch + 1, step=step)
+        if accelerator is None or accelerator.is_main_process:
+            save_checkpoint(folder, {k: p.detach() for k, p in params.items()}, optimizer, position)
+    bar.close()
+    model.eval()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
+    return {"steps": step, "epochs": epochs, "final_loss": position["losses"][-1] if position["losses"] else None,
+            "losses": position["losses"], "wall_s": round(time.perf_counter() - start, 2), "peak_memory_bytes": peak,
+            "examples_seen": min(step * t.batch_size * t.grad_accum, epochs * len(examples))}
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process on CPU (bytes); the same measure for every method."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def adapter_specs(run: RunFolder, method: str, seed: int, model) -> list:
+    """Target rows and cluster ids for the adapter-shaped methods.
+
+    nest: the clusters found by `nestune cluster`; neurons: the same rows, one update per neuron;
+    random: as many rows per target as detection selected, drawn from the rows it did NOT select, with the
+    same cluster sizes (shows whether detection matters).
+    """
+    from .cluster import load_clusters
+    from .models import ffn_targets
+    from .tuner import TargetUpdate
+
+    targets = {t.name: t for t in ffn_targets(model)}
+    clusters = load_clusters(run)
+    rng = random.Random(seed)
+    specs = []
+    for name, entry in clusters.items():
+        rows, ids = list(entry["rows"]), list(entry["clusters"])
+        if method == "neurons":
+            ids = list(range(len(rows)))
+        elif method == "random":
+            pool = sorted(set(range(targets[name].n_neurons)) - set(rows))
+            rows = sorted(rng.sample(pool, len(rows)))
+        elif method != "nest":
+            raise ValueError(method)
+        specs.append(TargetUpdate.from_target(targets[name], rows, ids))
+    return specs
+
+
+def run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> dict:
+    """Train the method's update on the run's selection and save it under RUN/train."""
+    from .models import load_model
+
+    method = cfg.train.method
+    if method not in ("nest", "neurons", "random"):
+        from .baselines import run_baseline_train
+
+        return run_baseline_train(cfg, run, loaded)
+    from .tuner import NeSTAdapter, base_identity
+
+    run.require("cluster", "run `nestune cluster --run RUN` first (or `nestune run`)")
+    loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
+                                  trust_remote_code=cfg.trust_remote_code)
+    model = loaded.model
+    folder = run.stage("train")
+    rows = build_targets(loaded, cfg, run)
+    examples = tokenize_examples(loaded.tokenizer, rows, cfg.train.max_length)
+    base = base_identity(model, cfg.model)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = NeSTAdapter(adapter_specs(run, method, cfg.seed, model)).attach(model)
+    params = {name: p for name, p in adapter.named_parameters()}
+    print(f"training {method}: {adapter.num_trainable():,} trainable parameters "
+          f"({sum(len(s.rows) for s in adapter.specs):,} neurons in {sum(s.k for s in adapter.specs)} clusters)",
+          flush=True)
+    stats = train_loop(model, params, examples,
+                       cfg, folder,
+                       loss_fn=lambda m, b: response_loss(m, b, cfg, reference=adapter.disabled),
+                       pad_id=loaded.tokenizer.pad_token_id)
+    adapter.detach()
+    adapter.save(folder / "adapter", base, extra={"method": method})
+    summary = {"method": method, "trainable_params": adapter.num_trainable(),
+               "n_neurons": sum(len(s.rows) for s in adapter.specs),
+               "n_clusters": sum(s.k for s in adapter.specs),
+               "n_harmful": sum(r["kind"] == "harmful" for r in rows),
+               "n_benign": sum(r["kind"] == "benign" for r in rows),
+               "own_refusals": sum(bool(r.get("own_refusal")) for r in rows), **stats}
+    write_json(folder / "summary.json", summary)
+    run.mark_done("train", {"method": method})
+    print(f"trained {stats['steps']} steps in {stats['wall_s']:.0f}s, final loss {stats['final_loss']}", flush=True)
+    return summary

@@ -1,0 +1,127 @@
+"""The cluster-update adapter: forward, fold equivalence, untouched weights, parameter count, save/load."""
+
+import pytest
+import torch
+
+from nestune.errors import NestuneError
+from nestune.models import ffn_targets, get_module, neuron_weight
+from nestune.testing import TINY_ARCHS, tiny_model
+from nestune.tuner import NeSTAdapter, TargetUpdate, base_identity, check_same_base
+
+
+def make_adapter(model, seed=0, rows_per_target=6, k=2):
+    """Pick a few rows in every target and put them into k clusters, with random non-zero deltas."""
+    g = torch.Generator().manual_seed(seed)
+    specs = []
+    for t in ffn_targets(model):
+        rows = torch.randperm(t.n_neurons, generator=g)[:rows_per_target].tolist()
+        clusters = [i % k for i in range(len(rows))]
+        specs.append(TargetUpdate.from_target(t, rows, clusters))
+    adapter = NeSTAdapter(specs)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.5, generator=g)
+    return adapter
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, 300, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # some left padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_fold_matches_adapter_and_leaves_other_weights_bit_identical(arch):
+    model = tiny_model(arch)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = batch()
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    adapter = make_adapter(model).attach(model)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        assert (adapted - base_logits).abs().max() > 1e-3, "the adapter must change the output"
+        with adapter.disabled():
+            assert torch.equal(model(**inputs).logits, base_logits)
+    adapter.fold(model)
+    with torch.no_grad():
+        folded = model(**inputs).logits
+    assert (folded - adapted).abs().max() < 1e-4
+
+    # Every tensor outside the selected rows is bit-identical; the selected rows changed.
+    state = model.state_dict()
+    touched = {}  # weight key -> specs (a fused projection holds two)
+    for spec in adapter.specs:
+        touched.setdefault(spec.module_path + ".weight", []).append(spec)
+    for key, before in base.items():
+        after = state[key]
+        if key not in touched:
+            assert torch.equal(before, after), key
+            continue
+        spec = touched[key][0]
+        mask = torch.zeros(after.shape[1] if spec.transposed else after.shape[0], dtype=torch.bool)
+        for s in touched[key]:
+            mask[torch.tensor(s.rows) + s.offset] = True
+        if spec.transposed:
+            before, after = before.t(), after.t()
+        assert torch.equal(before[~mask], after[~mask]), key
+        assert not torch.equal(before[mask], after[mask]), key
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])
+def test_parameter_count_and_shared_updates(arch):
+    model = tiny_model(arch)
+    adapter = make_adapter(model, k=3)
+    expected = sum(s.k * s.d_model for s in adapter.specs)
+    assert adapter.num_trainable() == expected
+    before = {t.name: neuron_weight(get_module(model, t.module_path), t).clone() for t in ffn_targets(model)}
+    adapter.attach(model)
+    adapter.fold(model)
+    for spec in adapter.specs:
+        t = next(t for t in ffn_targets(model) if t.name == spec.name)
+        diff = neuron_weight(get_module(model, t.module_path), t) - before[t.name]
+        for c in range(spec.k):
+            rows = [r for r, cl in zip(spec.rows, spec.clusters) if cl == c]
+            for r in rows[1:]:  # every row of a cluster received the same update
+                assert torch.allclose(diff[r], diff[rows[0]], atol=1e-6)
+
+
+def test_gradients_only_reach_deltas():
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = make_adapter(model).attach(model)
+    out = model(**batch()).logits.sum()
+    out.backward()
+    assert all(p.grad is not None for p in adapter.parameters())
+    assert all(p.grad is None for p in model.parameters() if p not in set(adapter.parameters()))
+
+
+def test_save_load_apply_reproduces_logits(tmp_path):
+    model = tiny_model("qwen2")
+    inputs = batch(1)
+    adapter = make_adapter(model).attach(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    adapter.detach()
+    adapter.save(tmp_path / "adapter", base_identity(model, "tiny-qwen2"))
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+
+    fresh = tiny_model("qwen2")
+    loaded, config = NeSTAdapter.load(tmp_path / "adapter")
+    check_same_base(config, fresh)
+    loaded.attach(fresh)
+    with torch.no_grad():
+        assert torch.allclose(fresh(**inputs).logits, expected, atol=1e-6)
+
+
+def test_apply_to_other_base_is_refused(tmp_path):
+    model = tiny_model("llama", seed=0)
+    adapter = make_adapter(model)
+    adapter.save(tmp_path, base_identity(model, "tiny"))
+    _, config = NeSTAdapter.load(tmp_path)
+    with pytest.raises(NestuneError, match="trained on"):
+        check_same_base(config, tiny_model("llama", seed=1))
