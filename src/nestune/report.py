@@ -1,0 +1,272 @@
+"""The report: RUN/results.json (headline numbers), RUN/report.md and a self-contained RUN/report.html.
+
+Plots are drawn with matplotlib and embedded in the HTML as base64 PNGs, so the report is one file that
+opens anywhere. Every rate is shown with its 95% bootstrap interval and n, and the judge is named next to
+every attack-success number.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from .io import read_json, write_json, write_text
+from .runfolder import RunFolder
+
+
+def _maybe(path: Path):
+    return read_json(path) if path.exists() else None
+
+
+def benign_kl(run: RunFolder) -> float | None:
+    """Mean KL(base || hardened) of next-token distributions on benign prompts, from the two eval stages."""
+    a = run.path / "eval-before" / "next_token_logprobs.safetensors"
+    b = run.path / "eval-after" / "next_token_logprobs.safetensors"
+    if not (a.exists() and b.exists()):
+        return None
+    from safetensors.torch import load_file
+
+    from .evaluate.utility import kl
+
+    return round(float(kl(load_file(str(a))["logprobs"], load_file(str(b))["logprobs"])), 6)
+
+
+def _side(metrics: dict | None) -> dict | None:
+    if not metrics:
+        return None
+    keep = ("asr_mean", "asr_by_attack", "asr_any_attack", "overrefusal", "utility", "gsm8k", "n_behaviours")
+    return {k: metrics[k] for k in keep if k in metrics}
+
+
+def collect_results(run: RunFolder) -> dict:
+    """Gather every stage's summary into results.json."""
+    cfg = run.saved_config() or {}
+    detect = _maybe(run.path / "detect" / "neurons.json") or {}
+    train = _maybe(run.path / "train" / "summary.json") or {}
+    before = _maybe(run.path / "eval-before" / "metrics.json")
+    after = _maybe(run.path / "eval-after" / "metrics.json")
+    any_eval = after or before or {}
+    results = {
+        "model": cfg.get("model"),
+        "method": train.get("method", (cfg.get("train") or {}).get("method")),
+        "trainable_params": train.get("trainable_params"),
+        "judge": any_eval.get("judge"),
+        "judge_validation": any_eval.get("judge_validation"),
+        "decoding": any_eval.get("decoding"),
+        "detection": {k: detect.get(k) for k in ("total_selected", "total_neurons", "share", "mean_auc",
+                                                 "z_threshold", "sign")} if detect else None,
+        "training": {k: train.get(k) for k in ("steps", "wall_s", "peak_memory_bytes", "final_loss",
+                                               "examples_seen", "n_neurons", "n_clusters")} if train else None,
+        "before": _side(before),
+        "after": _side(after),
+        "benign_kl": benign_kl(run),
+        "timings_s": _maybe(run.path / "timings.json"),
+    }
+    write_json(run.path / "results.json", results)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _rate(d) -> tuple[float, float, float]:
+    """(rate, lo, hi) from a {rate, ci, n} dict (or a bare number)."""
+    if isinstance(d, dict):
+        r = d.get("rate", d.get("acc"))
+        lo, hi = (d.get("ci") or [r, r])[:2]
+        return r, lo, hi
+    return d, d, d
+
+
+def plot_asr(results: dict) -> str | None:
+    before, after = results.get("before") or {}, results.get("after") or {}
+    attacks = list((before.get("asr_by_attack") or after.get("asr_by_attack") or {}).keys())
+    if not attacks:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(attacks) + 2), 3.6))
+    x = np.arange(len(attacks))
+    for shift, (label, side) in zip((-0.2, 0.2), (("before", before), ("after", after))):
+        rows = [_rate((side.get("asr_by_attack") or {}).get(a, {"rate": 0, "ci": [0, 0]})) for a in attacks]
+        r = np.array([v[0] for v in rows]) * 100
+        err = np.array([[v[0] - v[1], v[2] - v[0]] for v in rows]).T * 100
+        ax.bar(x + shift, r, 0.4, yerr=err, capsize=2, label=label)
+    ax.set_xticks(x, attacks, rotation=35, ha="right")
+    ax.set_ylabel("attack success rate (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"ASR per attack, judge: {results.get('judge')}")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_before_after(results: dict) -> str | None:
+    before, after = results.get("before") or {}, results.get("after") or {}
+    items = []
+    if "overrefusal" in before or "overrefusal" in after:
+        items.append(("over-refusal", before.get("overrefusal"), after.get("overrefusal")))
+    for task in (before.get("utility") or after.get("utility") or {}):
+        items.append((task, (before.get("utility") or {}).get(task), (after.get("utility") or {}).get(task)))
+    items = [i for i in items if i[1] is not None or i[2] is not None]
+    if not items:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(items) + 2), 3.4))
+    x = np.arange(len(items))
+    for shift, idx, label in ((-0.2, 1, "before"), (0.2, 2, "after")):
+        vals = [_rate(i[idx]) if i[idx] is not None else (0, 0, 0) for i in items]
+        r = np.array([v[0] for v in vals]) * 100
+        err = np.array([[v[0] - v[1], v[2] - v[0]] for v in vals]).T * 100
+        ax.bar(x + shift, r, 0.4, yerr=err, capsize=2, label=label)
+    ax.set_xticks(x, [i[0] for i in items], rotation=20, ha="right")
+    ax.set_ylabel("%")
+    ax.set_title("over-refusal (lower is better) and utility accuracy (higher is better)")
+    ax.legend()
+    return _png(fig)
+
+
+def _stage_png(run: RunFolder, rel: str) -> str | None:
+    p = run.path / rel
+    return base64.b64encode(p.read_bytes()).decode() if p.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _fmt(d) -> str:
+    if d is None:
+        return "-"
+    r, lo, hi = _rate(d)
+    if r is None:
+        return "-"
+    n = d.get("n") if isinstance(d, dict) else None
+    return f"{100 * r:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" + (f" n={n}" if n else "")
+
+
+def summary_rows(results: dict) -> list[tuple[str, str, str]]:
+    before, after = results.get("before") or {}, results.get("after") or {}
+    rows = [("ASR mean over attacks", _fmt(before.get("asr_mean")), _fmt(after.get("asr_mean"))),
+            ("ASR any attack (behaviours broken)", _fmt(before.get("asr_any_attack")),
+             _fmt(after.get("asr_any_attack")))]
+    for attack in (before.get("asr_by_attack") or after.get("asr_by_attack") or {}):
+        rows.append((f"ASR {attack}", _fmt((before.get("asr_by_attack") or {}).get(attack)),
+                     _fmt((after.get("asr_by_attack") or {}).get(attack))))
+    rows.append(("over-refusal", _fmt(before.get("overrefusal")), _fmt(after.get("overrefusal"))))
+    for task in (before.get("utility") or after.get("utility") or {}):
+        rows.append((f"utility {task}", _fmt((before.get("utility") or {}).get(task)),
+                     _fmt((after.get("utility") or {}).get(task))))
+    if before.get("gsm8k") or after.get("gsm8k"):
+        rows.append(("GSM8K exact match", _fmt(before.get("gsm8k")), _fmt(after.get("gsm8k"))))
+    if results.get("benign_kl") is not None:
+        rows.append(("benign next-token KL (base || hardened)", "0", f"{results['benign_kl']:.4f}"))
+    return rows
+
+
+def render_markdown(results: dict) -> str:
+    lines = [f"# nestune report: {results.get('model')} ({results.get('method')})", ""]
+    lines += [f"- trainable parameters: {results.get('trainable_params'):,}" if results.get("trainable_params")
+              else "- trainable parameters: -"]
+    det = results.get("detection") or {}
+    if det:
+        lines.append(f"- safety neurons: {det.get('total_selected')} of {det.get('total_neurons')} "
+                     f"({100 * (det.get('share') or 0):.2f}%), mean probe AUC {det.get('mean_auc')}")
+    lines.append(f"- judge: {results.get('judge')}")
+    jv = results.get("judge_validation") or {}
+    for name, v in jv.items():
+        if isinstance(v, dict):
+            lines.append(f"  - agreement with human labels ({name}, n={v.get('n')}): accuracy "
+                         f"{v.get('accuracy', 0):.3f}, precision {v.get('precision', 0):.3f}, recall "
+                         f"{v.get('recall', 0):.3f}")
+    lines.append(f"- decoding: {results.get('decoding')}")
+    lines += ["", "| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(results)]
+    if results.get("timings_s"):
+        lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(results: dict, images: list[tuple[str, str | None]]) -> str:
+    md_rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                      for a, b, c in summary_rows(results))
+    header = render_markdown(results).split("\n| metric")[0]
+    bullets = "".join(f"<li>{html.escape(line.lstrip('- ').strip())}</li>"
+                      for line in header.splitlines()[1:] if line.strip())
+    figs = "".join(f"<figure><img src='data:image/png;base64,{img}'><figcaption>{html.escape(cap)}"
+                   "</figcaption></figure>" for cap, img in images if img)
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>nestune report: {html.escape(str(results.get('model')))}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}
+th{{background:#f3f3f3}}figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#555}}</style></head>
+<body><h1>nestune report: {html.escape(str(results.get('model')))} ({html.escape(str(results.get('method')))})</h1>
+<ul>{bullets}</ul>
+<h2>Before and after</h2><table><tr><th>metric</th><th>before</th><th>after</th></tr>{md_rows}</table>
+<p>Rates are shown with 95% bootstrap intervals and the number of items. Attack success = the judge did not
+find a refusal.</p>
+<h2>Plots</h2>{figs}
+</body></html>
+"""
+
+
+def build_report(run: RunFolder) -> dict:
+    results = collect_results(run)
+    images = [
+        ("Attack success rate per attack, before and after (95% CI)", plot_asr(results)),
+        ("Over-refusal and utility, before and after", plot_before_after(results)),
+        ("Safety neurons per layer", _stage_png(run, "detect/neurons_per_layer.png")),
+        ("Cluster sizes", _stage_png(run, "cluster/cluster_sizes.png")),
+    ]
+    compare = run.path / "compare_plot.png"
+    if compare.exists():
+        images.append(("ASR versus trainable parameters, per method", _stage_png(run, "compare_plot.png")))
+    write_text(run.path / "report.md", render_markdown(results))
+    write_text(run.path / "report.html", render_html(results, images))
+    return {"html": run.path / "report.html", "md": run.path / "report.md", "results": run.path / "results.json"}
+
+
+def print_summary(run: RunFolder) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    results = read_json(run.path / "results.json")
+    table = Table(title=f"{results.get('model')}: before / after {results.get('method')} "
+                        f"(judge: {results.get('judge')})")
+    for col in ("metric", "before", "after"):
+        table.add_column(col)
+    for row in summary_rows(results):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def print_metrics(metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"evaluation (judge: {metrics.get('judge')})")
+    table.add_column("metric")
+    table.add_column("value")
+    for name, _, value in summary_rows({"after": _side(metrics)}):
+        table.add_row(name, value)
+    Console().print(table)
