@@ -9,9 +9,9 @@ for the same steps as NeST, write RUN/train/summary.json with the same keys as N
 model as an ordinary checkpoint in RUN/train/merged, which `nestune fold` copies to RUN/fold/model. LoRA and
 circuit breakers also keep their peft adapter in RUN/train/adapter-lora.
 
-Learning rate: TrainConfig.lr defaults to NeST's 1e-2, which would wreck a fully fine-tuned model. While
-train.lr is left at that default, each baseline uses its usual default from METHOD_LR; an lr the user set
-(any other value) is used as given. The lr used is recorded in summary.json.
+Learning rate: train.lr = 0 (the default) means each method's usual default (train.METHOD_LR: NeST's 1e-2
+would wreck a fully fine-tuned model); an lr the user sets is used as given. The lr used is recorded in
+summary.json.
 
 The trained model is changed in place (merged or fine-tuned weights): callers reload the base model
 before using it again.
@@ -19,7 +19,6 @@ before using it again.
 
 from __future__ import annotations
 
-import copy
 import math
 from contextlib import contextmanager
 
@@ -27,15 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, TrainConfig
+from .config import Config
 from .errors import NestuneError
 from .io import read_json, write_json
 from .models import ARCHITECTURES, LoadedModel, chat_prompts, ffn_targets, load_model, model_type
 from .runfolder import RunFolder
-from .train import Example, build_targets, response_loss, tokenize_examples, train_loop
+from .train import (
+    Example,
+    build_targets,
+    response_loss,
+    tokenize_examples,
+    train_loop,
+    with_method_lr,
+)
 
 BASELINES = ("full", "lora", "circuit-breakers")
-METHOD_LR = {"full": 2e-5, "lora": 2e-4, "circuit-breakers": 1e-4}
 
 # Circuit-breaker recipe (Zou et al. 2024, Llama-3-8B defaults; DESIGN.md 3).
 CB_ALPHA = 10.0
@@ -66,15 +71,6 @@ def run_baseline_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None =
     print(f"trained {method}: {summary['trainable_params']:,} trainable parameters, {stats['steps']} steps in "
           f"{stats['wall_s']:.0f}s, final loss {stats['final_loss']}", flush=True)
     return summary
-
-
-def with_method_lr(cfg: Config, method: str) -> Config:
-    """A copy of cfg whose lr is the method's default when the user left train.lr at NeST's default."""
-    if cfg.train.lr != TrainConfig().lr or method not in METHOD_LR:
-        return cfg
-    cfg = copy.deepcopy(cfg)  # the caller's config (shared by a comparison) stays as it was
-    cfg.train.lr = METHOD_LR[method]
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge")
     p.add_argument("--no-eval", dest="no_eval", action="store_true", help="stop after folding")
 
+    p = sub.add_parser("compare", help="NeST and the baselines through the same data, budget and evaluation")
+    _common(p, run_required=True)
+    p.add_argument("--methods", default="nest,lora,full,circuit-breakers,neurons,random",
+                   help="comma list of: nest, neurons, random, full, lora, circuit-breakers")
+    p.add_argument("--harmful")
+    p.add_argument("--benign")
+    p.add_argument("--judge")
+    p.add_argument("--no-eval", dest="no_eval", action="store_true", help="train and fold only")
+
     p = sub.add_parser("report", help="(re)build report.html and report.md of a run folder")
     p.add_argument("--out", "--run", dest="out", required=True)
     return parser
@@ -181,6 +190,10 @@ def dispatch(args) -> None:
         from .pipeline import run_pipeline
 
         run_pipeline(cfg, evaluate=not args.no_eval)
+    elif cmd == "compare":
+        from .compare import run_compare
+
+        run_compare(cfg, args.methods, cfg.out, evaluate=not args.no_eval)
 
 
 def list_models() -> None:

@@ -50,7 +50,7 @@ class TrainConfig:
     max_steps: int = 0  # 0: no step limit (epochs decide)
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-2
+    lr: float = 0.0  # 0: the method's default (train.METHOD_LR: NeST 1e-2, LoRA 2e-4, full 2e-5)
     weight_decay: float = 0.0
     benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original
     benign_weight: float = 1.0
@@ -105,7 +105,7 @@ SECTIONS = ("detect", "cluster", "train", "eval")
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "smoke": {
-        "detect": {"n_prompts": 24, "min_prompts": 8, "probe_epochs": 500, "max_length": 96},
+        "detect": {"n_prompts": 24, "min_prompts": 8, "probe_epochs": 500, "max_length": 96, "z_threshold": 2.0},
         "cluster": {"k_max": 4, "n_init": 3},
         "train": {"n_harmful": 12, "n_benign": 12, "epochs": 1, "answer_tokens": 16, "max_length": 128},
         "eval": {"n_behaviours": 4, "attacks": "none,prefill,aim", "max_new_tokens": 24, "n_overrefusal": 4,

@@ -283,6 +283,9 @@ def run_detect(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None, h
     d = cfg.detect
     if d.sign not in SIGNS:
         raise NestuneError(f"unknown detect.sign '{d.sign}'", f"use one of {', '.join(SIGNS)}")
+    if not 0 <= d.heldout_fraction < 1:
+        raise NestuneError(f"detect.heldout_fraction must be in [0, 1), not {d.heldout_fraction}",
+                           "--set detect.heldout_fraction=0.25")
     if harmful is None or benign is None:
         from . import data
     if harmful is None:

@@ -14,6 +14,7 @@ from it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -46,6 +47,20 @@ REFUSAL_BANK = [
     "That's not something I can help with. Please consider a safe and legal alternative.",
     "I cannot fulfil this request. Helping with it could cause real harm to others.",
 ]
+
+
+# train.lr = 0 means the method's usual learning rate. NeST's deltas start at zero and are few, so they take
+# a large one; the same lr would wreck a fully fine-tuned model.
+METHOD_LR = {"nest": 1e-2, "neurons": 1e-2, "random": 1e-2, "full": 2e-5, "lora": 2e-4, "circuit-breakers": 1e-4}
+
+
+def with_method_lr(cfg: Config, method: str) -> Config:
+    """A copy of cfg with the method's default lr filled in when the user left train.lr at 0."""
+    if cfg.train.lr:
+        return cfg
+    cfg = copy.deepcopy(cfg)  # the caller's config (shared by a comparison) stays as it was
+    cfg.train.lr = METHOD_LR[method]
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,6 +317,7 @@ def run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) ->
         return run_baseline_train(cfg, run, loaded)
     from .tuner import NeSTAdapter, base_identity
 
+    cfg = with_method_lr(cfg, method)
     run.require("cluster", "run `nestune cluster --run RUN` first (or `nestune run`)")
     loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
                                   trust_remote_code=cfg.trust_remote_code)
@@ -324,7 +340,7 @@ def run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) ->
                        pad_id=loaded.tokenizer.pad_token_id)
     adapter.detach()
     adapter.save(folder / "adapter", base, extra={"method": method})
-    summary = {"method": method, "trainable_params": adapter.num_trainable(),
+    summary = {"method": method, "trainable_params": adapter.num_trainable(), "lr": cfg.train.lr,
                "n_neurons": sum(len(s.rows) for s in adapter.specs),
                "n_clusters": sum(s.k for s in adapter.specs),
                "n_harmful": sum(r["kind"] == "harmful" for r in rows),

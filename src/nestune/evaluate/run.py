@@ -1,9 +1,11 @@
 """The evaluate stage: attack success, over-refusal, utility and benign next-token distributions.
 
     OUT/generations.jsonl                one line per behaviour x attack: behaviour, source, attack, prompt,
-                                         prefix, response, refused, judge
-    OUT/overrefusal.jsonl                one line per safe look-alike prompt: id, source, prompt, response, refused
-    OUT/gsm8k.jsonl                      one line per GSM8K question: id, prompt, response, target, correct
+                                         prefix, response, refused, judge, max_new_tokens
+    OUT/overrefusal.jsonl                one line per safe look-alike prompt: id, source, prompt, response,
+                                         refused, judge, max_new_tokens
+    OUT/gsm8k.jsonl                      one line per GSM8K question: id, prompt, response, target, correct,
+                                         max_new_tokens
     OUT/mc.jsonl                         one line per multiple-choice item: task, id, predicted, answer, correct
     OUT/next_token_logprobs.safetensors  "logprobs" (n, vocab) float32 on held-out benign prompts; the caller
                                          computes KL(base || hardened) from two of these (utility.kl)
@@ -30,7 +32,7 @@ from pathlib import Path
 from ..io import save_tensors, write_json, write_text
 from .attacks import build_prompt, resolve_attacks, templates_from_prompts
 from .generate import Generator, HFGenerator, make_generator
-from .judges import make_judge, validate_judge
+from .judges import RefusalJudge, make_judge, validate_judge
 from .metrics import accuracy, rate
 from .utility import gsm8k_correct, gsm8k_prompts, mc_predictions, next_token_logprobs
 
@@ -81,7 +83,7 @@ def load_inputs(cfg, behaviours=None) -> EvalInputs:
         behaviours=list(behaviours) if behaviours is not None
         else data.pick(ev.behaviours, "heldout", ev.n_behaviours, cfg.seed),
         templates=templates_from_prompts(data.load("jailbreak-templates")),
-        overrefusal=sample(data.load(ev.overrefusal), ev.n_overrefusal, cfg.seed),
+        overrefusal=sample(data.resolve_prompts(ev.overrefusal), ev.n_overrefusal, cfg.seed),
         mc_tasks={t: sample(data.load_mc(t), ev.n_utility, cfg.seed) for t in tasks if t != "gsm8k"},
         gsm8k=sample(data.load_gsm8k(), ev.n_gsm8k, cfg.seed) if "gsm8k" in tasks else [],
         kl_texts=data.pick(cfg.detect.benign, "heldout", ev.n_kl, cfg.seed),
@@ -93,19 +95,28 @@ def load_inputs(cfg, behaviours=None) -> EvalInputs:
 # Append-only JSONL files
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The complete lines of a JSONL file. A line cut short by a killed process is dropped (and the file
-    rewritten without it), so that the next append starts on a fresh line."""
+def read_rows(path: Path, keep=None) -> list[dict]:
+    """The complete lines of a JSONL file for which `keep(row)` holds (all when keep is None).
+
+    A line cut short by a killed process, and rows that `keep` rejects (made with another token budget),
+    are dropped and the file rewritten without them, so the next append starts on a fresh line and no
+    pair is ever listed twice.
+    """
     if not path.exists():
         return []
     text = path.read_text(encoding="utf-8")
-    rows, clean = [], True
+    rows, clean = [], bool(text.endswith("\n") or not text)
     for line in text.splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             clean = False
-    if not clean or (text and not text.endswith("\n")):
+            continue
+        if keep is None or keep(row):
+            rows.append(row)
+        else:
+            clean = False
+    if not clean:
         write_rows(path, rows)
     return rows
 
@@ -146,7 +157,8 @@ def run_attacks(out_dir: Path, behaviours, attacks, generator: Generator, judge,
     """Generate and judge every (behaviour, attack) pair not yet in generations.jsonl; return the current rows."""
     path = out_dir / GENERATIONS
     by_request = {(b.source, b.id): b.text for b in behaviours}
-    rows = rejudge(path, read_rows(path), judge, lambda r: by_request.get((r["source"], r["behaviour"]), r["prompt"]))
+    rows = read_rows(path, keep=lambda r: r.get("max_new_tokens") == max_new_tokens)
+    rows = rejudge(path, rows, judge, lambda r: by_request.get((r["source"], r["behaviour"]), r["prompt"]))
     done = {(r["source"], r["behaviour"], r["attack"]) for r in rows}
     for attack in attacks:
         todo = [b for b in behaviours if (b.source, b.id, attack.name) not in done]
@@ -157,7 +169,7 @@ def run_attacks(out_dir: Path, behaviours, attacks, generator: Generator, judge,
             responses = generator.generate([u for u, _ in built], [p for _, p in built], max_new_tokens)
             verdicts = judge.judge([b.text for b in part], responses)
             new = [{"behaviour": b.id, "source": b.source, "attack": attack.name, "prompt": u, "prefix": p,
-                    "response": r, "refused": bool(v), "judge": judge.name}
+                    "response": r, "refused": bool(v), "judge": judge.name, "max_new_tokens": max_new_tokens}
                    for b, (u, p), r, v in zip(part, built, responses, verdicts)]
             append_rows(path, new)
             rows += new
@@ -169,7 +181,8 @@ def run_attacks(out_dir: Path, behaviours, attacks, generator: Generator, judge,
 def run_overrefusal(out_dir: Path, prompts, generator: Generator, judge, max_new_tokens: int,
                     chunk: int) -> list[dict]:
     path = out_dir / OVERREFUSAL
-    rows = rejudge(path, read_rows(path), judge, lambda r: r["prompt"])
+    rows = read_rows(path, keep=lambda r: r.get("max_new_tokens") == max_new_tokens)
+    rows = rejudge(path, rows, judge, lambda r: r["prompt"])
     done = {(r["source"], r["id"]) for r in rows}
     todo = [p for p in prompts if (p.source, p.id) not in done]
     if todo:
@@ -178,7 +191,7 @@ def run_overrefusal(out_dir: Path, prompts, generator: Generator, judge, max_new
         responses = generator.generate([p.text for p in part], None, max_new_tokens)
         verdicts = judge.judge([p.text for p in part], responses)
         new = [{"id": p.id, "source": p.source, "prompt": p.text, "response": r, "refused": bool(v),
-                "judge": judge.name} for p, r, v in zip(part, responses, verdicts)]
+                "judge": judge.name, "max_new_tokens": max_new_tokens} for p, r, v in zip(part, responses, verdicts)]
         append_rows(path, new)
         rows += new
     wanted = {(p.source, p.id) for p in prompts}
@@ -187,7 +200,7 @@ def run_overrefusal(out_dir: Path, prompts, generator: Generator, judge, max_new
 
 def run_gsm8k(out_dir: Path, items, generator: Generator, max_new_tokens: int, chunk: int) -> list[dict]:
     path = out_dir / GSM8K
-    rows = read_rows(path)
+    rows = read_rows(path, keep=lambda r: r.get("max_new_tokens") == max_new_tokens)
     done = {r["id"] for r in rows}
     todo = [it for it in items if it.id not in done]
     if todo:
@@ -195,8 +208,8 @@ def run_gsm8k(out_dir: Path, items, generator: Generator, max_new_tokens: int, c
     for part in chunks(todo, chunk):
         prompts = gsm8k_prompts(part)
         responses = generator.generate(prompts, None, max_new_tokens)
-        new = [{"id": it.id, "prompt": p, "response": r, "target": it.target, "correct": gsm8k_correct(r, it.target)}
-               for it, p, r in zip(part, prompts, responses)]
+        new = [{"id": it.id, "prompt": p, "response": r, "target": it.target, "correct": gsm8k_correct(r, it.target),
+                "max_new_tokens": max_new_tokens} for it, p, r in zip(part, prompts, responses)]
         append_rows(path, new)
         rows += new
     wanted = {it.id for it in items}
@@ -290,15 +303,20 @@ def evaluate_model(loaded, cfg, out_dir: Path, behaviours=None, inputs: EvalInpu
 
     rows = timed("attacks", lambda: run_attacks(out_dir, inputs.behaviours, attacks, attack_generator, judge,
                                                 ev.max_new_tokens, chunk))
-    over = timed("overrefusal", lambda: run_overrefusal(out_dir, inputs.overrefusal, attack_generator, judge,
+    # Over-refusal asks "did it refuse a safe request?", which a harm classifier does not answer (a harmless
+    # answer is "safe" to it), so it is always measured with the refusal-marker judge.
+    refusal_judge = judge if isinstance(judge, RefusalJudge) else RefusalJudge()
+    over_generator = generator.with_stop(refusal_judge.decided) if isinstance(generator, HFGenerator) else generator
+    over = timed("overrefusal", lambda: run_overrefusal(out_dir, inputs.overrefusal, over_generator, refusal_judge,
                                                         ev.max_new_tokens, chunk))
     gsm_budget = getattr(ev, "gsm8k_max_new_tokens", GSM8K_MAX_NEW_TOKENS)
     gsm = timed("gsm8k", lambda: run_gsm8k(out_dir, inputs.gsm8k, generator, gsm_budget, chunk))
     mc = timed("utility", lambda: run_mc(out_dir, loaded.model, loaded.tokenizer, inputs.mc_tasks, ev.batch_size))
     logprobs = timed("kl", lambda: next_token_logprobs(loaded.model, loaded.tokenizer,
                                                        [p.text for p in inputs.kl_texts], ev.batch_size))
-    save_tensors(out_dir / LOGPROBS, {"logprobs": logprobs},
-                 metadata={"ids": json.dumps([[p.source, p.id] for p in inputs.kl_texts])})
+    if inputs.kl_texts:
+        save_tensors(out_dir / LOGPROBS, {"logprobs": logprobs},
+                     metadata={"ids": json.dumps([[p.source, p.id] for p in inputs.kl_texts])})
     validation = timed("judge_validation", lambda: {
         name: validate_judge(judge, [(r, h) for r, h, _ in labelled], [q for _, _, q in labelled])
         for name, labelled in inputs.judge_sets.items() if labelled})
@@ -308,6 +326,7 @@ def evaluate_model(loaded, cfg, out_dir: Path, behaviours=None, inputs: EvalInpu
         **attack_metrics(rows, [a.name for a in attacks], n_boot, seed),
         "attacks": [a.name for a in attacks],
         "overrefusal": _nonempty([r["refused"] for r in over], rate, n_boot, seed),
+        "overrefusal_judge": refusal_judge.name,
         "utility": {task: accuracy([r["correct"] for r in rs], n_boot, seed) for task, rs in mc.items() if rs},
         "gsm8k": _nonempty([r["correct"] for r in gsm], accuracy, n_boot, seed),
         "judge": judge.name,
