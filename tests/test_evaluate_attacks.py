@@ -80,10 +80,12 @@ def test_templates_from_prompts_normalises_and_needs_placeholder():
     assert normalise_name("Evil Confidant") == "evil_confidant"
 
 
-WHEEL = Path("/tmp/assets/pyrit-1.1.0-py3-none-any.whl")
+WHEELS = [Path(d) / "pyrit-1.1.0-py3-none-any.whl"
+          for d in ("/tmp/assets", Path.home() / ".cache" / "nestune" / "wheels")]
+WHEEL = next((w for w in WHEELS if w.exists()), None)
 
 
-@pytest.mark.skipif(not WHEEL.exists(), reason="pyrit wheel not present")
+@pytest.mark.skipif(WHEEL is None, reason="pyrit wheel not present")
 def test_default_names_exist_in_pyrit():
     prefix = "pyrit/datasets/jailbreak/templates/"
     with zipfile.ZipFile(WHEEL) as z:

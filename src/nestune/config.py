@@ -68,6 +68,7 @@ class EvalConfig:
     n_behaviours: int = 24
     attacks: str = "default"  # default, all, or a comma list of template names plus none/prefill
     max_new_tokens: int = 64
+    max_length: int = 2048  # prompt tokens; the longest default template (AIM) is ~450 tokens
     batch_size: int = 16
     judge: str = "refusal"  # refusal, hf:<classifier model>, openai:<base url>#<model>
     overrefusal: str = "overrefusal"
@@ -75,6 +76,7 @@ class EvalConfig:
     utility_tasks: str = "arc-easy,arc-challenge,mmlu,gsm8k"
     n_utility: int = 60  # items per multiple-choice task
     n_gsm8k: int = 10
+    gsm8k_max_new_tokens: int = 256  # enough for a short chain of thought
     n_kl: int = 32  # benign prompts for the next-token KL
     bootstrap: int = 1000
     generator: str = "hf"  # hf or vllm
@@ -109,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cluster": {"k_max": 4, "n_init": 3},
         "train": {"n_harmful": 12, "n_benign": 12, "epochs": 1, "answer_tokens": 16, "max_length": 128},
         "eval": {"n_behaviours": 4, "attacks": "none,prefill,aim", "max_new_tokens": 24, "n_overrefusal": 4,
-                 "n_utility": 8, "n_gsm8k": 2, "n_kl": 4, "bootstrap": 200, "utility_tasks": "arc-easy"},
+                 "n_utility": 8, "n_gsm8k": 2, "gsm8k_max_new_tokens": 32, "n_kl": 4, "bootstrap": 200, "utility_tasks": "arc-easy"},
     },
 }
 

@@ -180,7 +180,7 @@ class VLLMGenerator(Generator):
 
 def make_generator(kind: str, loaded, cfg, stop_when_decided: Callable[[str], bool] | None = None) -> Generator:
     """`hf` or `vllm`, from a LoadedModel and the Config (batch size from cfg.eval)."""
-    max_length = getattr(cfg.eval, "max_length", DEFAULT_MAX_LENGTH)
+    max_length = cfg.eval.max_length
     if kind == "hf":
         return HFGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size, max_length=max_length,
                            stop_when_decided=stop_when_decided)

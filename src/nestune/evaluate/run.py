@@ -43,7 +43,7 @@ MC = "mc.jsonl"
 LOGPROBS = "next_token_logprobs.safetensors"
 METRICS = "metrics.json"
 
-GSM8K_MAX_NEW_TOKENS = 256  # enough for a short chain of thought; cfg.eval.gsm8k_max_new_tokens overrides
+
 LATE_REFUSAL_BUDGET = 48  # DESIGN.md 4: fewer new tokens than this miss late refusals
 JUDGE_SETS = {"refusal-labels": "1", "jbb-judge": "0"}  # the label value that means refused / safe
 CHUNK_BATCHES = 4  # generations are appended to disk every this many batches
@@ -309,7 +309,7 @@ def evaluate_model(loaded, cfg, out_dir: Path, behaviours=None, inputs: EvalInpu
     over_generator = generator.with_stop(refusal_judge.decided) if isinstance(generator, HFGenerator) else generator
     over = timed("overrefusal", lambda: run_overrefusal(out_dir, inputs.overrefusal, over_generator, refusal_judge,
                                                         ev.max_new_tokens, chunk))
-    gsm_budget = getattr(ev, "gsm8k_max_new_tokens", GSM8K_MAX_NEW_TOKENS)
+    gsm_budget = ev.gsm8k_max_new_tokens
     gsm = timed("gsm8k", lambda: run_gsm8k(out_dir, inputs.gsm8k, generator, gsm_budget, chunk))
     mc = timed("utility", lambda: run_mc(out_dir, loaded.model, loaded.tokenizer, inputs.mc_tasks, ev.batch_size))
     logprobs = timed("kl", lambda: next_token_logprobs(loaded.model, loaded.tokenizer,
