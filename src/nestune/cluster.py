@@ -145,6 +145,7 @@ def load_clusters(run: RunFolder) -> dict[str, dict]:
 
 def plot_sizes(sizes: list[int], path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     counts = Counter(sizes)
     fig = Figure(figsize=(5, 3.2), layout="constrained")
@@ -152,6 +153,7 @@ def plot_sizes(sizes: list[int], path) -> None:
     ax.bar(list(counts), list(counts.values()))
     ax.set_xlabel("neurons in cluster")
     ax.set_ylabel("clusters")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Cluster sizes")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

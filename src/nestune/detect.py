@@ -3,7 +3,7 @@
 1. Capture: run harmful and benign prompts (chat template, generation prompt) through the decoder and
    record, for every neuron, the projection's output (before the activation function) max-pooled over the
    prompt's real tokens. Padding is set to -inf before the max, so it can never decide a value.
-2. Probe: one logistic regression per module, harmful = 1, benign = 0, all modules trained at once.
+2. Probe: one logistic regression per module, harmful = 1, benign = 0, trained as batched tensor programs.
    Features are standardised per neuron over the training prompts, so a probe weight measures how much
    a neuron's *relative* activity tells harmful from benign, not how large its activations happen to be;
    that makes weights of one module comparable for the z-score below.
@@ -24,7 +24,9 @@ import dataclasses
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -112,10 +114,12 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
 # ---------------------------------------------------------------------------------------------------------
 # Probes
 
-# On CPU the probes are matrix-vector products bound by memory bandwidth. Training a few modules at a time,
-# so their features stay in the cores' caches, took smollm2-135m's 60 probes from 22-90 s to about 12 s on
-# 2 cores. On a GPU all modules go at once.
-CPU_CHUNK_BYTES = 4 * 2**20
+# On CPU the probes are small matrix-vector products, bound by memory bandwidth and by thread barriers.
+# So modules go in chunks that stay in cache, and each core trains whole chunks single-threaded: with
+# torch's own threads every op of every epoch waits on a barrier, which made training 2-4x slower as soon
+# as another process used a core. smollm2-135m's 60 probes (240 prompts x 1536 neurons, 5,000 epochs) take
+# ~10 s on 2 idle cores. On a GPU all modules of one width go at once.
+CPU_CHUNK_BYTES = 8 * 2**20
 
 
 def standardise(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +168,13 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, weig
 def train_probes(features: dict[str, torch.Tensor], labels: torch.Tensor, epochs: int, lr: float,
                  weight_decay: float, seed: int, heldout_mask: torch.Tensor | None = None,
                  device: str | torch.device = "cpu") -> dict[str, dict]:
-    """One logistic-regression probe per target, all targets trained together.
+    """One logistic-regression probe per target, trained as batched tensor programs.
 
     features: {name: (n_prompts, n_neurons)}; labels: (n_prompts,) 1 harmful / 0 benign; heldout_mask:
     (n_prompts,) bool, prompts kept out of training and used for the AUC. Targets of equal width are stacked
-    into one (modules, prompts, neurons) tensor. Training is deterministic (zero init, full batch); `seed`
-    only seeds torch for symmetry with the other stages.
+    into (modules, prompts, neurons) tensors: one per width on a GPU, cache-sized chunks spread over the
+    cores on CPU. Training is deterministic (zero init, full batch); `seed` only seeds torch for symmetry
+    with the other stages.
 
     Returns {name: {"weight": (n,), "bias": float, "mean": (n,), "std": (n,), "auc": held-out AUC (NaN
     without held-out prompts of both classes), "train_acc": float}}; weights apply to standardised features.
@@ -185,26 +190,48 @@ def train_probes(features: dict[str, torch.Tensor], labels: torch.Tensor, epochs
     by_width: dict[int, list[str]] = {}
     for name, x in features.items():
         by_width.setdefault(x.shape[1], []).append(name)
-
-    results = {}
+    chunks = []
     for width, names in by_width.items():
         per_module = int(train.sum()) * width * 4
         step = max(1, CPU_CHUNK_BYTES // per_module) if device.type == "cpu" else len(names)
-        for start in range(0, len(names), step):
-            chunk = names[start : start + step]
-            x = torch.stack([features[nm].float() for nm in chunk])  # (modules, prompts, width)
-            mean, std = standardise(x[:, train])
-            z = ((x - mean[:, None]) / std[:, None]).to(device)
-            w, b = _fit_logistic(z[:, train.to(device)].contiguous(), labels[train].to(device), epochs, lr,
-                                 weight_decay)
-            logits = (torch.einsum("mpn,mn->mp", z, w) + b[:, None]).cpu()
-            w, b = w.cpu(), b.cpu()
-            for i, nm in enumerate(chunk):
-                acc = ((logits[i, train] > 0).float() == labels[train]).float().mean()
-                results[nm] = {"weight": w[i], "bias": float(b[i]), "mean": mean[i], "std": std[i],
-                               "auc": roc_auc(labels[heldout], logits[i, heldout]),
-                               "train_acc": float(acc)}
+        chunks += [names[i : i + step] for i in range(0, len(names), step)]
+
+    def job(names: list[str]):
+        x = torch.stack([features[nm].float().cpu() for nm in names])  # (modules, prompts, width)
+        return names, _probe_chunk(x, labels, heldout, epochs, lr, weight_decay, device)
+
+    done = _on_each_core([partial(job, c) for c in chunks]) if device.type == "cpu" else [job(c) for c in chunks]
+    results = {nm: r for names, rs in done for nm, r in zip(names, rs)}
     return {nm: results[nm] for nm in features}  # the caller's order
+
+
+def _probe_chunk(x: torch.Tensor, labels: torch.Tensor, heldout: torch.Tensor, epochs: int, lr: float,
+                 weight_decay: float, device: torch.device) -> list[dict]:
+    """Standardise, fit and score the probes of a stack of modules x (modules, prompts, width)."""
+    train = ~heldout
+    mean, std = standardise(x[:, train])
+    z = ((x - mean[:, None]) / std[:, None]).to(device)
+    w, b = _fit_logistic(z[:, train.to(device)].contiguous(), labels[train].to(device), epochs, lr,
+                         weight_decay)
+    logits = (torch.einsum("mpn,mn->mp", z, w) + b[:, None]).cpu()
+    w, b = w.cpu(), b.cpu()
+    out = []
+    for i in range(len(x)):
+        acc = ((logits[i, train] > 0).float() == labels[train]).float().mean()
+        out.append({"weight": w[i], "bias": float(b[i]), "mean": mean[i], "std": std[i],
+                    "auc": roc_auc(labels[heldout], logits[i, heldout]), "train_acc": float(acc)})
+    return out
+
+
+def _on_each_core(jobs: list) -> list:
+    """Run independent jobs in a thread per core, each with single-threaded torch ops (see CPU_CHUNK_BYTES)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(lambda job: job(), jobs))
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,6 +433,7 @@ def _per_layer(per_target: dict) -> tuple[list[int], dict[str, dict[int, int]]]:
 def plot_per_layer(per_target: dict, path) -> None:
     """Bar chart of safety neurons per layer, stacked by module kind (no pyplot: no global backend state)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     layers, counts = _per_layer(per_target)
     fig = Figure(figsize=(max(5.0, 0.25 * len(layers) + 2), 3.2), layout="constrained")
@@ -417,6 +445,7 @@ def plot_per_layer(per_target: dict, path) -> None:
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_xlabel("layer")
     ax.set_ylabel("safety neurons")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Safety neurons per layer")
     ax.legend()
     with atomic_path(path) as tmp:

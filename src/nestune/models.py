@@ -166,21 +166,36 @@ def load_model(
             f"model path '{spec}' does not exist",
             f"pass an existing folder or .gguf file, or a catalog alias ({', '.join(assets.MODEL_CATALOG)})",
         )
+    elif "/" not in spec:
+        raise NestuneError(
+            f"unknown model '{spec}': not a catalog alias, a local folder or a .gguf file",
+            f"use a catalog alias ({', '.join(assets.MODEL_CATALOG)}), a path, or a full hub id like org/name",
+        )
     else:
         path, source = spec, "hub"
 
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    hub_kwargs = {"trust_remote_code": trust_remote_code}
     if revision:
-        kwargs["revision"] = revision
+        hub_kwargs["revision"] = revision
+    if source == "hub" and not _hub_reachable():
+        hub_kwargs["local_files_only"] = True  # the local hub cache only: retries to an unreachable hub take ~50 s
+
+    kwargs = dict(dtype=torch_dtype, **hub_kwargs)
     if device_map is not None:
         kwargs["device_map"] = device_map
         if max_memory:
             kwargs["max_memory"] = max_memory
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                  **({"revision": revision} if revision else {}))
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
+        if source == "hub" and hub_kwargs.get("local_files_only"):
+            raise NestuneError(
+                f"'{spec}' looks like a hub id, but the Hugging Face hub cannot be reached and the model is "
+                "not in the local hub cache",
+                "connect to the hub, or pass a catalog alias "
+                f"({', '.join(assets.MODEL_CATALOG)}), a local folder or a .gguf file",
+            ) from None
         if source == "hub":
             raise NestuneError(
                 f"could not load '{spec}' from the Hugging Face hub ({str(e).splitlines()[0][:160]})",
@@ -202,6 +217,18 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     ffn_targets(model)  # fail now, not in a later stage, on an unsupported architecture
     return LoadedModel(model, tokenizer, spec, source, path)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _looks_like_hub_id(spec: str) -> bool:

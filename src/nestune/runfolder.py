@@ -59,7 +59,8 @@ class RunFolder:
                 f"run folder '{self.path}' was written by an incompatible nestune (format {saved.get('format')})",
                 "use a new --out folder",
             )
-        if saved.get("model") != cfg.model:
+        started = any((d / "DONE.json").exists() for d in self.path.iterdir() if d.is_dir())
+        if saved.get("model") != cfg.model and started:
             raise NestuneError(
                 f"run folder '{self.path}' holds a run of model '{saved.get('model')}', not '{cfg.model}'",
                 "use a new --out folder, or pass the same --model to resume",
