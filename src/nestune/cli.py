@@ -197,10 +197,10 @@ def dispatch(args) -> None:
 
 
 def list_models() -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from .assets import MODEL_CATALOG
+    from .io import console
 
     table = Table(title="nestune model catalog (fetched from PyPI on first use)")
     for col in ("alias", "model", "arch", "layers", "d_model", "d_ff", "size", "licence"):
@@ -208,15 +208,15 @@ def list_models() -> None:
     for alias, m in MODEL_CATALOG.items():
         table.add_row(alias, m["description"], m["arch"], str(m["layers"]), str(m["d_model"]), str(m["d_ff"]),
                       f"{m['size_mb']} MB", m["licence"])
-    Console().print(table)
+    console().print(table)
     print("Any local Hugging Face folder, .gguf file or (online) hub id works as --model too.")
 
 
 def list_data() -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from .data import dataset_table
+    from .io import console
 
     rows = dataset_table()
     table = Table(title="bundled data sets")
@@ -224,7 +224,7 @@ def list_data() -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], r["kind"], str(r.get("rows", "?")), r["package"], r["licence"])
-    Console().print(table)
+    console().print(table)
     print("Your own files work too: --harmful FILE (txt one prompt per line; csv/jsonl/parquet with a column).")
 
 

@@ -353,8 +353,9 @@ is better; utility: higher is better.</p>
 
 
 def print_table(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from .io import console as io_console
 
     header, body = table_rows(result, with_ci=False)  # intervals are in compare.md; a terminal is narrow
     table = Table(title=f"{result['model']}: methods compared (judge: {result['judge']})")
@@ -362,7 +363,4 @@ def print_table(result: dict) -> None:
         table.add_column(col)
     for row in body:
         table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # a log file or pipe would get 80 columns, too narrow for this table
-        console = Console(width=200)
-    console.print(table)
+    io_console().print(table)

@@ -31,8 +31,8 @@ import gzip
 import hashlib
 import io
 import json
-import re
 import random
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache

@@ -59,3 +59,12 @@ def _json_default(obj):
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def console():
+    """A rich console; wide when output goes to a file or pipe, so tables are not cut at 80 columns."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)

@@ -247,8 +247,9 @@ def build_report(run: RunFolder) -> dict:
 
 
 def print_summary(run: RunFolder) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from .io import console
 
     results = read_json(run.path / "results.json")
     table = Table(title=f"{results.get('model')}: before / after {results.get('method')} "
@@ -257,16 +258,17 @@ def print_summary(run: RunFolder) -> None:
         table.add_column(col)
     for row in summary_rows(results):
         table.add_row(*row)
-    Console().print(table)
+    console().print(table)
 
 
 def print_metrics(metrics: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from .io import console
 
     table = Table(title=f"evaluation (judge: {metrics.get('judge')})")
     table.add_column("metric")
     table.add_column("value")
     for name, _, value in summary_rows({"after": _side(metrics)}):
         table.add_row(name, value)
-    Console().print(table)
+    console().print(table)
