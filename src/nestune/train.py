@@ -33,6 +33,7 @@ from .io import read_json, save_tensors, write_json, write_text
 from .models import LoadedModel, chat_prompts, input_device
 from .runfolder import RunFolder
 
+DEFAULT_OPENING = "Sure, here is"
 REFUSAL_BANK = [
     "I'm sorry, but I can't help with that.",
     "I can't assist with that request.",
@@ -78,7 +79,10 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
 
     t = cfg.train
     if harmful is None:
-        harmful = [p.text for p in data.pick(cfg.detect.harmful, "train", t.n_harmful, cfg.seed)]
+        harmful = data.pick(cfg.detect.harmful, "train", t.n_harmful, cfg.seed)
+    # Affirmative openings to recover from (see `prefill_rows`): the set's own target strings where it has them.
+    openings = [getattr(p, "target", "") or DEFAULT_OPENING for p in harmful]
+    harmful = [getattr(p, "text", p) for p in harmful]
     if benign is None:
         benign = [p.text for p in data.pick(cfg.detect.benign, "train", t.n_benign, cfg.seed)]
     if not harmful:
@@ -91,11 +95,18 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
     refused = RefusalJudge().judge(harmful, responses[: len(harmful)])
     rng = random.Random(cfg.seed)
     rows = []
-    for prompt, response, own in zip(harmful, responses, refused):
+    n_prefilled = round(t.prefill_fraction * len(harmful))
+    prefilled = set(rng.sample(range(len(harmful)), n_prefilled))
+    for i, (prompt, response, own) in enumerate(zip(harmful, responses, refused)):
         target = response.strip() if own else rng.choice(REFUSAL_BANK)
-        # `original` keeps the model's own answer: circuit breakers train on the compliant ones.
-        rows.append({"kind": "harmful", "prompt": prompt, "response": target, "own_refusal": bool(own),
-                     "original": response.strip()})
+        row = {"kind": "harmful", "prompt": prompt, "response": target, "own_refusal": bool(own),
+               "original": response.strip()}  # circuit breakers train on the model's own compliant answers
+        if i in prefilled:
+            # The answer opens compliantly and turns to a refusal: the loss sees only the refusal, so the
+            # model learns to stop even after an affirmative start (an assistant-prefill attack).
+            row["prefix"] = openings[i].strip()
+            row["response"] = "\n\n" + rng.choice(REFUSAL_BANK)
+        rows.append(row)
     for prompt, response in zip(benign, responses[len(harmful):]):
         rows.append({"kind": "benign", "prompt": prompt, "response": response.strip()})
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -118,7 +129,7 @@ def tokenize_examples(tokenizer, rows: list[dict], max_length: int) -> list[Exam
     examples = []
     eos = tokenizer.eos_token or ""
     for row, prompt in zip(rows, prompts):
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p_ids = tokenizer(prompt + row.get("prefix", ""), add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(row["response"] + eos, add_special_tokens=False)["input_ids"]
         p_ids = p_ids[-max(1, max_length - len(r_ids)):]  # keep the prompt's end (the generation prompt)
         ids = (p_ids + r_ids)[:max_length]
