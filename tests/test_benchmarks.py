@@ -1,0 +1,61 @@
+"""The benchmark script runs on a tiny model and writes its results and summary table (no timing checks)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+
+
+def load_script():
+    # benchmarks/ is not a package: load the script as a module.
+    spec = importlib.util.spec_from_file_location("nestune_benchmarks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_runs_on_a_tiny_model(tmp_path):
+    bench = load_script()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "timings.json").write_text(json.dumps({"detect": 2.5, "cluster": 0.5, "train": 4.0}))
+    out, markdown = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    # One thread: on a busy machine torch's thread barriers make a two-thread run of tiny ops very slow.
+    bench.main(["--tiny", "llama", "--repeats", "1", "--threads", "1", "--max-new-tokens", "8",
+                "--sections", "train,capture,generate,e2e", "--run", str(run),
+                "--out", str(out), "--markdown", str(markdown)])
+
+    results = json.loads((out / "tiny-llama-cpu.json").read_text())
+    for key in ("machine", "train", "capture", "generate", "e2e", "figures"):
+        assert key in results
+    assert results["machine"]["cpu_count"] > 0 and results["machine"]["torch"]
+
+    methods = results["train"]["methods"]
+    assert set(methods) == {"floor", "nest", "lora", "full", "neurons"}
+    for name, m in methods.items():
+        assert m["step_s"]["median"] > 0 and m["peak_bytes"] > 0, name
+    assert methods["floor"]["trainable_params"] == 0
+    assert 0 < methods["nest"]["trainable_params"] < methods["lora"]["trainable_params"]
+    assert methods["lora"]["trainable_params"] < methods["full"]["trainable_params"]
+    # AdamW keeps two moments per trainable value.
+    assert methods["full"]["optimizer_state_bytes"] >= 2 * 4 * methods["full"]["trainable_params"]
+    assert methods["nest"]["n_rows"] == methods["neurons"]["n_rows"] == methods["neurons"]["n_updates"]
+
+    for variant in results["capture"]["variants"].values():
+        assert variant["tokens_per_s"] > 0
+    for variant in results["generate"]["variants"].values():
+        assert variant["new_tokens"] > 0 and variant["tokens_per_s"] > 0
+    assert results["e2e"]["total_s"] == 7.0
+    assert all(f["value"] > 0 for f in results["figures"])
+
+    text = markdown.read_text()
+    assert "### tiny-llama on cpu" in text
+    assert "| NeST step time / floor |" in text and "|---|" in text
+
+    # Rewriting the summary keeps the prose written around the tables.
+    markdown.write_text("# Benchmarks\n\nProse before.\n\n" + text[text.index(bench.MARK_START):] + "\nProse after.\n")
+    bench.main(["--markdown-only", "--out", str(out), "--markdown", str(markdown)])
+    rewritten = markdown.read_text()
+    assert "Prose before." in rewritten and "Prose after." in rewritten
+    assert rewritten.count(bench.MARK_START) == 1 and "| NeST step time / floor |" in rewritten
