@@ -40,6 +40,8 @@ def hardened(tmp_path_factory, smol):
         "model": "smollm2-135m", "out": str(out), "device": "cpu",
         "detect.n_prompts": 96, "detect.probe_epochs": 3000, "detect.z_threshold": 2.5,
         "train.n_harmful": 48, "train.n_benign": 32, "train.epochs": 3, "train.answer_tokens": 32,
+        # 30 steps: a short run needs a larger step than the default to move refusals reliably
+        "train.lr": 0.2,
     })
     run = RunFolder(out)
     run.save_config(cfg)

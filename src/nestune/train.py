@@ -10,6 +10,11 @@ The original answers are generated once, before training, and cached in RUN/trai
 Loss only on response tokens. AdamW over the trainable parameters only. A checkpoint (trainable tensors,
 optimizer state, position) is written at the end of each epoch in safetensors + JSON, and a rerun resumes
 from it.
+
+Data parallel: under `accelerate launch -m nestune train ...` (or torchrun) every process holds the whole
+model and takes its share of each global batch; the gradients of the trainable tensors are averaged before
+each step, so N processes train what one process would with the same train.batch_size. Only the main
+process writes artifacts and shows progress (see `launched_accelerator` and `train_loop`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -52,7 +58,7 @@ REFUSAL_BANK = [
 
 # train.lr = 0 means the method's usual learning rate. NeST's deltas start at zero and are few, so they take
 # a large one; the same lr would wreck a fully fine-tuned model.
-METHOD_LR = {"nest": 1e-2, "neurons": 1e-2, "random": 1e-2, "full": 2e-5, "lora": 2e-4, "circuit-breakers": 1e-4}
+METHOD_LR = {"nest": 5e-2, "neurons": 5e-2, "random": 5e-2, "full": 2e-5, "lora": 2e-4, "circuit-breakers": 1e-4}
 
 
 def with_method_lr(cfg: Config, method: str) -> Config:
@@ -219,12 +225,34 @@ def load_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer) ->
 # The loop
 
 
+def launched_accelerator():
+    """An `accelerate.Accelerator` when this process is one of several (`accelerate launch`, torchrun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def is_main(accelerator) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+def main_first(accelerator):
+    """A block the main process runs first and the others after it (e.g. writing then reading a cache)."""
+    return accelerator.main_process_first() if accelerator is not None else nullcontext()
+
+
 def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Example], cfg: Config,
                folder: Path, loss_fn=None, pad_id: int = 0, accelerator=None) -> dict:
     """AdamW on `params` over `examples` for cfg.train.epochs (or max_steps); resumable per epoch.
 
     `loss_fn(model, batch)` defaults to `response_loss`. Returns stats: steps, final loss, wall time,
     peak memory, examples seen.
+
+    With an `accelerator` of N processes, each takes every N-th example of each micro-batch, weights its loss by
+    its share of the batch, and the gradients are averaged over the processes before each step: the update is
+    the one a single process computes from the whole batch (exactly so for per-example mean losses).
     """
     t = cfg.train
     if not examples:
@@ -235,7 +263,13 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
     position = load_checkpoint(folder, params, optimizer) or {"epoch": 0, "step": 0, "losses": []}
-    if position["epoch"]:
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    if world > 1:
+        import torch.distributed as dist
+
+        for p in params.values():  # every process starts from the main process's weights (e.g. LoRA's random A)
+            dist.broadcast(p.data, src=0)
+    if position["epoch"] and rank == 0:
         print(f"resuming training after epoch {position['epoch']} (step {position['step']})", flush=True)
     device = input_device(model)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext())
@@ -243,7 +277,7 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
     for epoch in range(position["epoch"], epochs):
         order = list(range(len(examples)))
         random.Random(cfg.seed + epoch).shuffle(order)
@@ -254,14 +288,18 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
             optimizer.zero_grad(set_to_none=True)
             group, loss_sum = batches[i:i + t.grad_accum], 0.0
             for idx in group:
-                batch = collate([examples[j] for j in idx], pad_id, device)
+                mine = idx[rank::world]
+                share = len(mine) * world / len(idx)  # 1 with one process; 0 for a process left without examples
+                batch = collate([examples[j] for j in mine or idx[:1]], pad_id, device)
                 with autocast:
-                    loss = loss_fn(model, batch) / len(group)
+                    loss = loss_fn(model, batch) * (share / len(group))
                 if accelerator is not None:
                     accelerator.backward(loss)
                 else:
                     loss.backward()
                 loss_sum += loss.item()
+            if world > 1:
+                loss_sum = average_gradients(params, loss_sum, world)
             optimizer.step()
             step += 1
             position["losses"].append(round(loss_sum, 5))
@@ -276,6 +314,20 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     return {"steps": step, "epochs": epochs, "final_loss": position["losses"][-1] if position["losses"] else None,
             "losses": position["losses"], "wall_s": round(time.perf_counter() - start, 2), "peak_memory_bytes": peak,
             "examples_seen": min(step * t.batch_size * t.grad_accum, epochs * len(examples))}
+
+
+def average_gradients(params: dict[str, torch.nn.Parameter], loss: float, world: int) -> float:
+    """Average every trainable tensor's gradient over the processes; returns the batch's loss, averaged too."""
+    import torch.distributed as dist
+
+    for p in params.values():
+        if p.grad is None:  # every process must join every all-reduce, in the same order
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    total = torch.tensor([loss], dtype=torch.float64, device=next(iter(params.values())).device)
+    dist.all_reduce(total)
+    return total.item() / world
 
 
 def _peak_rss() -> int:
@@ -318,23 +370,50 @@ def adapter_specs(run: RunFolder, method: str, seed: int, model) -> list:
 
 
 def run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> dict:
-    """Train the method's update on the run's selection and save it under RUN/train."""
+    """Train the method's update on the run's selection and save it under RUN/train.
+
+    Under `accelerate launch` every process loads the model onto its own device and trains on its share of
+    each batch; the main process generates the training targets first and alone writes the results.
+    """
+    accelerator = launched_accelerator()
+    try:
+        return _run_train(cfg, run, loaded, accelerator)
+    finally:
+        if accelerator is not None:
+            accelerator.end_training()  # leaves the process group cleanly
+
+
+def load_for_training(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelerator):
+    """The model (on this process's device) and the training rows (generated once, by the main process)."""
     from .models import load_model
 
+    device = cfg.device
+    if accelerator is not None:
+        if cfg.device_map:
+            raise NestuneError("device_map splits one model over several devices, while `accelerate launch` "
+                               "trains one copy of the model per process",
+                               "drop --device-map for a data-parallel run, or train in one process")
+        device = str(accelerator.device)
+    loaded = loaded or load_model(cfg.model, device, cfg.dtype, device_map=cfg.device_map or None,
+                                  max_memory=cfg.max_memory or None, trust_remote_code=cfg.trust_remote_code)
+    with main_first(accelerator):
+        rows = build_targets(loaded, cfg, run)
+    return loaded, rows
+
+
+def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelerator) -> dict:
     method = cfg.train.method
     if method not in ("nest", "neurons", "random"):
         from .baselines import run_baseline_train
 
-        return run_baseline_train(cfg, run, loaded)
+        return run_baseline_train(cfg, run, loaded, accelerator=accelerator)
     from .tuner import NeSTAdapter, base_identity
 
     cfg = with_method_lr(cfg, method)
     run.require("cluster", "run `nestune cluster --run RUN` first (or `nestune run`)")
-    loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
-                                  trust_remote_code=cfg.trust_remote_code)
+    loaded, rows = load_for_training(cfg, run, loaded, accelerator)
     model = loaded.model
     folder = run.stage("train")
-    rows = build_targets(loaded, cfg, run)
     examples = tokenize_examples(loaded.tokenizer, rows, cfg.train.max_length)
     base = base_identity(model, cfg.model)
 
@@ -342,14 +421,17 @@ def run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) ->
         p.requires_grad_(False)
     adapter = NeSTAdapter(adapter_specs(run, method, cfg.seed, model)).attach(model)
     params = {name: p for name, p in adapter.named_parameters()}
-    print(f"training {method}: {adapter.num_trainable():,} trainable parameters "
-          f"({sum(len(s.rows) for s in adapter.specs):,} neurons in {sum(s.k for s in adapter.specs)} clusters)",
-          flush=True)
+    if is_main(accelerator):
+        print(f"training {method}: {adapter.num_trainable():,} trainable parameters "
+              f"({sum(len(s.rows) for s in adapter.specs):,} neurons in {sum(s.k for s in adapter.specs)} "
+              "clusters)" + (f" on {accelerator.num_processes} processes" if accelerator else ""), flush=True)
     stats = train_loop(model, params, examples,
                        cfg, folder,
                        loss_fn=lambda m, b: response_loss(m, b, cfg, reference=adapter.disabled),
-                       pad_id=loaded.tokenizer.pad_token_id)
+                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator)
     adapter.detach()
+    if not is_main(accelerator):
+        return {"method": method, **stats}  # the main process writes the results
     adapter.save(folder / "adapter", base, extra={"method": method})
     summary = {"method": method, "trainable_params": adapter.num_trainable(), "lr": cfg.train.lr,
                "n_neurons": sum(len(s.rows) for s in adapter.specs),
