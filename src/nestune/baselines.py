@@ -29,11 +29,12 @@ from torch import nn
 from .config import Config
 from .errors import NestuneError
 from .io import read_json, write_json
-from .models import ARCHITECTURES, LoadedModel, chat_prompts, ffn_targets, load_model, model_type
+from .models import ARCHITECTURES, LoadedModel, chat_prompts, ffn_targets, model_type
 from .runfolder import RunFolder
 from .train import (
     Example,
-    build_targets,
+    is_main,
+    load_for_training,
     response_loss,
     tokenize_examples,
     train_loop,
@@ -48,19 +49,23 @@ CB_LORA_R, CB_LORA_ALPHA, CB_LORA_DROPOUT = 16, 16, 0.05
 CB_REFERENCE_LAYERS, CB_REFERENCE_DEPTH = (10, 20), 32
 
 
-def run_baseline_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> dict:
-    """Train the baseline named by cfg.train.method and save it under RUN/train."""
+def run_baseline_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None, accelerator=None) -> dict:
+    """Train the baseline named by cfg.train.method and save it under RUN/train.
+
+    With an `accelerator` of several processes (train.launched_accelerator) the training is data parallel and
+    only the main process writes the results.
+    """
     method = cfg.train.method
     if method not in BASELINES:
         raise NestuneError(f"unknown training method '{method}'",
                            "use one of nest, neurons, random, full, lora, circuit-breakers")
-    loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
-                                  trust_remote_code=cfg.trust_remote_code)
+    loaded, rows = load_for_training(cfg, run, loaded, accelerator)
     folder = run.stage("train")
-    rows = build_targets(loaded, cfg, run)
     cfg = with_method_lr(cfg, method)
     trainers = {"full": train_full, "lora": train_lora, "circuit-breakers": train_circuit_breakers}
-    info, stats = trainers[method](loaded, cfg, rows, run)
+    info, stats = trainers[method](loaded, cfg, rows, run, accelerator)
+    if not is_main(accelerator):
+        return {"method": method, **info, **stats}  # the main process writes the results
     summary = {"method": method, **info,
                "n_harmful": sum(r["kind"] == "harmful" for r in rows),
                "n_benign": sum(r["kind"] == "benign" for r in rows),
@@ -77,7 +82,8 @@ def run_baseline_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None =
 # Full fine-tuning
 
 
-def train_full(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolder) -> tuple[dict, dict]:
+def train_full(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolder,
+               accelerator=None) -> tuple[dict, dict]:
     model, folder = loaded.model, run.stage("train")
     examples = tokenize_examples(loaded.tokenizer, rows, cfg.train.max_length)
     params = dict(model.named_parameters())  # tied weights appear once, as the optimizer sees them
@@ -91,12 +97,15 @@ def train_full(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolde
         def reference():
             return original_weights(params, originals)
     trainable = sum(p.numel() for p in params.values())
-    print(f"training full: {trainable:,} trainable parameters (all of them)", flush=True)
+    if is_main(accelerator):
+        print(f"training full: {trainable:,} trainable parameters (all of them)", flush=True)
     stats = train_loop(model, params, examples, cfg, folder,
                        loss_fn=lambda m, b: response_loss(m, b, cfg, reference=reference),
-                       pad_id=loaded.tokenizer.pad_token_id)
+                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator)
     for p in params.values():
         p.requires_grad_(False)
+    if not is_main(accelerator):
+        return {"trainable_params": trainable}, stats
     save_merged(loaded, cfg, folder, "full", trainable)
     # The resume checkpoint holds the whole model plus two optimizer moments; the merged model replaces it.
     for name in ("checkpoint.json", "checkpoint.safetensors"):
@@ -153,17 +162,21 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def train_lora(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolder) -> tuple[dict, dict]:
+def train_lora(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolder,
+               accelerator=None) -> tuple[dict, dict]:
     t, folder = cfg.train, run.stage("train")
     examples = tokenize_examples(loaded.tokenizer, rows, t.max_length)
+    torch.manual_seed(cfg.seed)  # LoRA's random initial A: the same in every run with this seed
     peft_model = attach_lora(loaded.model, t.lora_r, t.lora_alpha, t.lora_dropout)
     params = trainable_parameters(peft_model)
     trainable = sum(p.numel() for p in params.values())
-    print(f"training lora (r={t.lora_r}): {trainable:,} trainable parameters", flush=True)
+    if is_main(accelerator):
+        print(f"training lora (r={t.lora_r}): {trainable:,} trainable parameters", flush=True)
     stats = train_loop(peft_model, params, examples, cfg, folder,
                        loss_fn=lambda m, b: response_loss(m, b, cfg, reference=peft_model.disable_adapter),
-                       pad_id=loaded.tokenizer.pad_token_id)
-    save_peft(peft_model, loaded, cfg, folder, "lora", trainable)
+                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator)
+    if is_main(accelerator):
+        save_peft(peft_model, loaded, cfg, folder, "lora", trainable)
     info = {"trainable_params": trainable,
             "lora": {"r": t.lora_r, "alpha": t.lora_alpha, "dropout": t.lora_dropout,
                      "target_modules": decoder_linear_names(loaded.model)}}
@@ -241,7 +254,7 @@ def cb_loss(adapted, original, batch, c_retain: float, c_cb: float, target_layer
 
 
 def train_circuit_breakers(loaded: LoadedModel, cfg: Config, rows: list[dict],
-                           run: RunFolder) -> tuple[dict, dict]:
+                           run: RunFolder, accelerator=None) -> tuple[dict, dict]:
     t, folder = cfg.train, run.stage("train")
     examples, complied = cb_examples(loaded.tokenizer, rows, t.max_length)
     if not complied:
@@ -251,6 +264,7 @@ def train_circuit_breakers(loaded: LoadedModel, cfg: Config, rows: list[dict],
     targets = cb_target_layers(n_layers)
     lora_layers = list(range(min(max(targets) + 1, n_layers)))
     retain_layers = list(range(1, min(max(targets) + 1, n_layers) + 1))  # every output those layers change
+    torch.manual_seed(cfg.seed)  # LoRA's random initial A: the same in every run with this seed
     peft_model = attach_lora(loaded.model, CB_LORA_R, CB_LORA_ALPHA, CB_LORA_DROPOUT, layers=lora_layers)
     params = trainable_parameters(peft_model)
     trainable = sum(p.numel() for p in params.values())
@@ -272,11 +286,13 @@ def train_circuit_breakers(loaded: LoadedModel, cfg: Config, rows: list[dict],
             original = hidden_states(model, batch)
         return cb_loss(adapted, original, batch, c_retain, c_cb, targets, retain_layers)
 
-    print(f"training circuit-breakers: {trainable:,} trainable parameters (LoRA r={CB_LORA_R} on layers "
-          f"0..{lora_layers[-1]}, rerouting at {targets}, {complied} harmful completions)", flush=True)
+    if is_main(accelerator):
+        print(f"training circuit-breakers: {trainable:,} trainable parameters (LoRA r={CB_LORA_R} on layers "
+              f"0..{lora_layers[-1]}, rerouting at {targets}, {complied} harmful completions)", flush=True)
     stats = train_loop(peft_model, params, examples, cfg, folder, loss_fn=loss_fn,
-                       pad_id=loaded.tokenizer.pad_token_id)
-    save_peft(peft_model, loaded, cfg, folder, "circuit-breakers", trainable)
+                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator)
+    if is_main(accelerator):
+        save_peft(peft_model, loaded, cfg, folder, "circuit-breakers", trainable)
     info = {"trainable_params": trainable,
             "circuit_breakers": {"target_layers": targets, "lora_layers": lora_layers,
                                  "retain_layers": retain_layers, "alpha": CB_ALPHA, "total_steps": total,

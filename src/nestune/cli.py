@@ -8,6 +8,7 @@ one-line `error: <cause> -- <fix>` and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -23,14 +24,22 @@ def _common(p: argparse.ArgumentParser, run_required: bool = False) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--device-map", dest="device_map", help="'auto' to spread a large model over devices")
+    p.add_argument("--max-memory", dest="max_memory", help="with --device-map: e.g. 0=20GiB,1=20GiB,cpu=60GiB")
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True,
                    help="allow the model repository's own code to run")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting, e.g. --set detect.z_threshold=2.5 (repeatable)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake ends like every other error: one line, cause -- fix, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} -- see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nestune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="nestune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nestune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -88,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge")
     p.add_argument("--no-eval", dest="no_eval", action="store_true", help="train and fold only")
 
+    p = sub.add_parser("attack", help="white-box robustness attacks on the base and hardened models of a run")
+    _common(p, run_required=True)
+    p.add_argument("--attacks", dest="robustness_attacks", metavar="LIST",
+                   help="comma list of neuron-pruning, refusal-direction, harmful-finetune (default: all three)")
+    p.add_argument("--judge")
+    p.add_argument("--harmful", help="harmful prompts for re-detection and the refusal direction")
+    p.add_argument("--benign", help="benign prompts for re-detection and the refusal direction")
+
     p = sub.add_parser("report", help="(re)build report.html and report.md of a run folder")
     p.add_argument("--out", "--run", dest="out", required=True)
     return parser
@@ -96,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Named flags -> config keys
 FLAG_KEYS = {
     "model": "model", "out": "out", "preset": "preset", "seed": "seed", "device": "device", "dtype": "dtype",
-    "device_map": "device_map", "trust_remote_code": "trust_remote_code",
+    "device_map": "device_map", "max_memory": "max_memory", "trust_remote_code": "trust_remote_code",
     "harmful": "detect.harmful", "benign": "detect.benign", "z_threshold": "detect.z_threshold",
     "scope": "cluster.scope", "k_max": "cluster.k_max",
     "method": "train.method", "epochs": "train.epochs", "lr": "train.lr",
@@ -155,6 +172,7 @@ def dispatch(args) -> None:
         from .report import build_report
         from .runfolder import RunFolder
 
+        RunFolder(args.out).require_run()
         paths = build_report(RunFolder(args.out))
         print(f"report: {paths['html']}")
         return
@@ -162,6 +180,9 @@ def dispatch(args) -> None:
     from .runfolder import RunFolder
 
     cfg = resolve_config(args)
+    if cmd != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by `accelerate launch`
+        raise NestuneError(f"`nestune {cmd}` runs in one process; only `train` is data parallel",
+                           "run `accelerate launch -m nestune train --run RUN`, the other stages without it")
     run = RunFolder(cfg.out)
     if cmd == "detect":
         from .detect import run_detect
@@ -190,6 +211,10 @@ def dispatch(args) -> None:
         from .pipeline import run_pipeline
 
         run_pipeline(cfg, evaluate=not args.no_eval)
+    elif cmd == "attack":
+        from .robustness import attack_command
+
+        attack_command(cfg, cfg.out, args.robustness_attacks)
     elif cmd == "compare":
         from .compare import run_compare
 

@@ -50,7 +50,7 @@ def parse_methods(methods: str | list[str]) -> list[str]:
 
 def _load(cfg: Config, spec: str | None = None) -> LoadedModel:
     return load_model(spec or cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
-                      trust_remote_code=cfg.trust_remote_code)
+                      max_memory=cfg.max_memory or None, trust_remote_code=cfg.trust_remote_code)
 
 
 def _stage(run: RunFolder, name: str, fn) -> None:

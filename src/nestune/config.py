@@ -84,6 +84,16 @@ class EvalConfig:
 
 
 @dataclass
+class AttackConfig:
+    """White-box robustness attacks (`nestune attack`, robustness.py); sizes otherwise come from eval/detect."""
+
+    direction_layer: int = 0  # refusal direction at this layer's input; 0: the best of a few middle layers
+    n_select: int = 16  # held-out harmful prompts (train split) that choose the direction's layer
+    finetune_steps: int = 20  # harmful-finetune: LoRA steps (train.batch_size pairs each)
+    finetune_lr: float = 1e-3
+
+
+@dataclass
 class Config:
     model: str = "smollm2-135m"
     out: str = "runs/latest"
@@ -92,17 +102,19 @@ class Config:
     device: str = "auto"
     dtype: str = "auto"
     device_map: str = ""  # "" (one device) or "auto"
+    max_memory: str = ""  # with device_map: per-device budget, e.g. "0=20GiB,1=20GiB,cpu=60GiB" ("" = all of it)
     trust_remote_code: bool = False
     detect: DetectConfig = field(default_factory=DetectConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("detect", "cluster", "train", "eval")
+SECTIONS = ("detect", "cluster", "train", "eval", "attack")
 
 # The smoke preset runs the whole line on smollm2-135m in about a minute: for tests and quick checks.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -113,6 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"n_harmful": 12, "n_benign": 12, "epochs": 1, "answer_tokens": 16, "max_length": 128},
         "eval": {"n_behaviours": 4, "attacks": "none,prefill,aim", "max_new_tokens": 24, "n_overrefusal": 4,
                  "n_utility": 8, "n_gsm8k": 2, "gsm8k_max_new_tokens": 32, "n_kl": 4, "bootstrap": 200, "utility_tasks": "arc-easy"},
+        "attack": {"n_select": 4, "finetune_steps": 10},
     },
 }
 
@@ -127,7 +140,8 @@ def _coerce(value: str, typ: type, key: str):
     try:
         return typ(value)
     except ValueError:
-        raise NestuneError(f"setting {key}: '{value}' is not a valid {typ.__name__}", "fix the value") from None
+        wanted = "a whole number, e.g. 8" if typ is int else "a number, e.g. 0.01"
+        raise NestuneError(f"setting {key}: '{value}' is not a valid {typ.__name__}", f"give {key} {wanted}") from None
 
 
 def _field_types(obj) -> dict[str, type]:
@@ -148,11 +162,52 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     types = _field_types(target)
     if name not in types:
         raise NestuneError(f"unknown setting '{key}'", f"known keys here: {', '.join(types)}")
-    if isinstance(value, str) and types[name] is not str:
-        value = _coerce(value, types[name], key)
-    elif types[name] is float and isinstance(value, int):
+    typ = types[name]
+    if isinstance(value, str) and typ is not str:
+        value = _coerce(value, typ, key)
+    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    elif not isinstance(value, typ) or (typ is int and isinstance(value, bool)):  # a config file's 1.5 for an int
+        wanted = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}[typ]
+        raise NestuneError(f"setting {key}: {value!r} is not {wanted}", f"give {key} {wanted}")
     setattr(target, name, value)
+
+
+# Values outside these make a stage fail late (or divide by zero); checked once, when the config is resolved.
+CHOICES = {
+    "detect.sign": ("positive", "negative", "both"),
+    "cluster.scope": ("module", "layer", "global"),
+    "train.method": ("nest", "full", "lora", "circuit-breakers", "neurons", "random"),
+    "train.benign_loss": ("answer", "kl"),
+}
+AT_LEAST_ONE = ("detect.batch_size", "detect.max_length", "detect.probe_epochs", "cluster.k_max", "cluster.n_init",
+                "train.batch_size", "train.grad_accum", "train.answer_tokens", "train.max_length",
+                "eval.max_new_tokens", "eval.max_length", "eval.batch_size", "attack.n_select",
+                "attack.finetune_steps")
+FRACTIONS = ("train.prefill_fraction",)
+MAY_BE_NEGATIVE = ("detect.z_threshold",)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse values no stage can work with, naming the setting."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in SECTIONS}
+    for section in SECTIONS:
+        sub = getattr(cfg, section)
+        values.update({f"{section}.{f.name}": getattr(sub, f.name) for f in dataclasses.fields(sub)})
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            raise NestuneError(f"setting {key}: unknown value '{values[key]}'", f"use one of {', '.join(allowed)}")
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low = 1 if key in AT_LEAST_ONE else 0
+        if key not in MAY_BE_NEGATIVE and value < low:
+            raise NestuneError(f"setting {key} must be at least {low}, not {value}", f"--set {key}=<{low} or more>")
+        if key in FRACTIONS and value > 1:
+            raise NestuneError(f"setting {key} must be between 0 and 1, not {value}", f"--set {key}=0.25")
+    if not cfg.train.epochs and not cfg.train.max_steps:
+        raise NestuneError("train.epochs and train.max_steps are both 0: nothing to train",
+                           "--set train.epochs=1 (or train.max_steps=N)")
 
 
 def _apply_tree(cfg: Config, tree: dict, origin: str) -> None:
@@ -196,6 +251,7 @@ def load_config(
         set_value(cfg, key, value)
     for key, value in overrides.items():
         set_value(cfg, key, value)
+    validate(cfg)
     return cfg
 
 

@@ -525,11 +525,11 @@ def _prompts_from_rows(
         if column is None:
             raise NestuneError(
                 f"{where}: no prompt column found (columns: {', '.join(columns) or 'none'})",
-                "name the column to read",
+                f"name the column to read: {where}:COLUMN, with one of the columns listed",
             )
     elif column not in columns:
         raise NestuneError(f"{where}: no column {column!r} (columns: {', '.join(columns) or 'none'})",
-                           "name one of the listed columns")
+                           "name one of the listed columns after the ':'")
     prompts = []
     for id_, row in zip(ids, rows):
         text = _clean(row.get(column))

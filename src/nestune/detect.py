@@ -287,6 +287,10 @@ def _as_records(items, kind: str) -> list[tuple[str, str, str]]:
 
 
 def _check_sizes(harmful: list, benign: list, min_prompts: int) -> tuple[list, list]:
+    both = {" ".join(r[0].casefold().split()) for r in harmful} & {" ".join(r[0].casefold().split()) for r in benign}
+    if both:  # one prompt with two labels: the probes cannot learn it, and training would refuse a benign prompt
+        raise NestuneError(f"{len(both)} prompt(s) are in both the harmful and the benign set, e.g. "
+                           f"{next(iter(sorted(both)))[:60]!r}", "remove them from one of the two sets")
     for name, items in (("harmful", harmful), ("benign", benign)):
         if not items:
             raise NestuneError(f"the {name} prompt set for detection is empty",
@@ -329,7 +333,7 @@ def run_detect(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None, h
         from .models import load_model
 
         loaded = load_model(cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
-                            trust_remote_code=cfg.trust_remote_code)
+                            max_memory=cfg.max_memory or None, trust_remote_code=cfg.trust_remote_code)
     model = loaded.model
     targets = ffn_targets(model)
 

@@ -120,6 +120,17 @@ def default_dtype(device: str) -> torch.dtype:
 def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NestuneError(f"unknown device '{device}'", "use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NestuneError(f"device '{device}' asked for, but this machine has no usable CUDA GPU",
+                               "use --device cpu (or auto), or install a CUDA build of torch")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise NestuneError(f"device '{device}' does not exist ({torch.cuda.device_count()} GPU(s) visible)",
+                               f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -135,20 +146,41 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
+def parse_max_memory(text: str) -> dict:
+    """'0=20GiB,1=20GiB,cpu=60GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '60GiB'} (accelerate's max_memory)."""
+    budget = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, size = part.partition("=")
+        device, size = device.strip(), size.strip()
+        if not sep or not device or not size:
+            raise NestuneError(f"max_memory entry '{part}' is not DEVICE=SIZE",
+                               "e.g. --max-memory 0=20GiB,1=20GiB,cpu=60GiB")
+        budget[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size  # bytes
+    return budget
+
+
 def load_model(
     spec: str,
     device: str = "auto",
     dtype: str | torch.dtype | None = "auto",
     device_map: str | dict | None = None,
-    max_memory: dict | None = None,
+    max_memory: dict | str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a catalog alias, a local folder, a GGUF file or a hub id."""
+    """Load a causal LM and its tokenizer from a catalog alias, a local folder, a GGUF file or a hub id.
+
+    `device_map` ("auto" or a dict) spreads the model over devices with accelerate, within `max_memory`
+    (a dict, or a string for `parse_max_memory`); a max_memory alone implies device_map "auto".
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import assets
 
+    if isinstance(max_memory, str):
+        max_memory = parse_max_memory(max_memory)
+    if max_memory and device_map is None:
+        device_map = "auto"
     device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, device)
     if spec in assets.MODEL_CATALOG:
@@ -156,6 +188,7 @@ def load_model(
     elif os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "config.json")):
             raise NestuneError(f"folder '{spec}' has no config.json", "pass a Hugging Face model folder")
+        _check_folder_config(spec)
         path, source = spec, "folder"
     elif spec.endswith(".gguf"):
         if not os.path.isfile(spec):
@@ -177,7 +210,8 @@ def load_model(
     hub_kwargs = {"trust_remote_code": trust_remote_code}
     if revision:
         hub_kwargs["revision"] = revision
-    if source == "hub" and not _hub_reachable():
+    offline = _hub_offline()
+    if source == "hub" and (offline or not _hub_reachable()):
         hub_kwargs["local_files_only"] = True  # the local hub cache only: retries to an unreachable hub take ~50 s
 
     kwargs = dict(dtype=torch_dtype, **hub_kwargs)
@@ -189,6 +223,13 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
+        if source == "hub" and offline:
+            raise NestuneError(
+                f"'{spec}' looks like a hub id, but HF_HUB_OFFLINE is set and the model is not in the local hub "
+                "cache",
+                "unset HF_HUB_OFFLINE to download it, or pass a catalog alias "
+                f"({', '.join(assets.MODEL_CATALOG)}), a local folder or a .gguf file",
+            ) from None
         if source == "hub" and hub_kwargs.get("local_files_only"):
             raise NestuneError(
                 f"'{spec}' looks like a hub id, but the Hugging Face hub cannot be reached and the model is "
@@ -217,6 +258,30 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     ffn_targets(model)  # fail now, not in a later stage, on an unsupported architecture
     return LoadedModel(model, tokenizer, spec, source, path)
+
+
+def _hub_offline() -> bool:
+    """The user switched the hub off (HF_HUB_OFFLINE=1): use the local hub cache, and do not probe the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _check_folder_config(folder: str) -> None:
+    """Read a model folder's config.json before loading anything: fail fast on a broken file or an architecture
+    nestune has no neuron map for (loading the weights of a large model first would take minutes)."""
+    f = os.path.join(folder, "config.json")
+    try:
+        with open(f, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NestuneError(f"'{f}' is not valid JSON ({e})", "restore the model folder's config.json") from None
+    if not isinstance(config, dict):
+        raise NestuneError(f"'{f}' is not a JSON object", "restore the model folder's config.json")
+    mtype = config.get("model_type")  # old configs without one are left to transformers (and ffn_targets)
+    if mtype and mtype not in ARCHITECTURES:
+        raise NestuneError(
+            f"unsupported architecture '{mtype}' (from {f})",
+            f"supported model types: {', '.join(sorted(ARCHITECTURES))}",
+        )
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -297,6 +362,10 @@ def weights_fingerprint(model: nn.Module) -> str:
     targets = ffn_targets(model)
     for t in (targets[0], targets[-1]):
         w = get_module(model, t.module_path).weight.detach()
+        if w.device.type == "meta":
+            raise NestuneError("device_map offloaded some of the model's weights to CPU or disk; detection and "
+                               "evaluation work so, but training and folding need every weight in memory",
+                               "give the model more GPU memory (--max-memory) or use more GPUs")
         h.update(w.float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -333,5 +402,13 @@ def encode_chat(tokenizer, texts: list[str], max_length: int, device="cpu", syst
 
 
 def input_device(model) -> torch.device:
-    """Where inputs go: the embedding's device (differs from model.device under device_map)."""
-    return model.get_input_embeddings().weight.device
+    """Where inputs go: the embedding's device (differs from model.device under device_map).
+
+    An embedding offloaded by device_map has its weight on the meta device; accelerate's hook on it names
+    the device the forward runs on.
+    """
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device
+    if device.type == "meta":
+        device = torch.device(getattr(getattr(embedding, "_hf_hook", None), "execution_device", None) or "cpu")
+    return device

@@ -17,7 +17,7 @@ from .runfolder import RunFolder
 
 def _load(cfg: Config, spec: str | None = None) -> LoadedModel:
     return load_model(spec or cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
-                      trust_remote_code=cfg.trust_remote_code)
+                      max_memory=cfg.max_memory or None, trust_remote_code=cfg.trust_remote_code)
 
 
 def evaluate_stage(cfg: Config, run: RunFolder, stage: str, loaded: LoadedModel) -> dict:
@@ -80,6 +80,12 @@ def eval_command(cfg: Config, adapter: str | None = None) -> dict:
     """`nestune eval`: evaluate one model (base, folded, or base + adapter) into RUN/eval."""
     from .tuner import NeSTAdapter, check_same_base
 
+    if adapter and cfg.eval.generator == "vllm":
+        from .errors import NestuneError
+
+        raise NestuneError("vLLM reads the model's weights from disk, so it would evaluate the model without "
+                           "the adapter", "fold it first (`nestune apply --adapter A --model M --out DIR`) and "
+                           "evaluate DIR, or use --generator hf")
     run = RunFolder(cfg.out)
     loaded = _load(cfg)
     if adapter:

@@ -22,6 +22,9 @@ FORMAT_VERSION = 1
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise NestuneError(f"run folder '{self.path}' is a file, not a folder",
+                               "pass a new or existing folder as --out")
 
     def stage(self, name: str) -> Path:
         d = self.path / name
@@ -48,7 +51,22 @@ class RunFolder:
 
     def saved_config(self) -> dict | None:
         f = self.path / "config.json"
-        return read_json(f) if f.exists() else None
+        if not f.exists():
+            return None
+        try:
+            saved = read_json(f)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise NestuneError(f"'{f}' is corrupt ({e})",
+                               "delete it (the next command writes it again) or use a new --out folder") from None
+        if not isinstance(saved, dict):
+            raise NestuneError(f"'{f}' is not a nestune run config", "delete it or use a new --out folder")
+        return saved
+
+    def require_run(self) -> None:
+        """Refuse a folder that holds no nestune run (e.g. a mistyped --out for `nestune report`)."""
+        if not self.path.is_dir() or self.saved_config() is None:
+            raise NestuneError(f"'{self.path}' is not a nestune run folder (no config.json)",
+                               "pass the --out folder of a run started with `nestune run` or `nestune detect`")
 
     def check_compatible(self, cfg: Config) -> None:
         saved = self.saved_config()

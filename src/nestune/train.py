@@ -198,16 +198,21 @@ def save_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer, po
     for i, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             tensors[f"optim.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    save_tensors(folder / "checkpoint.safetensors", tensors)
+    # The position also rides in the tensors file's metadata: that one atomic file is the checkpoint, so a kill
+    # between the two writes cannot pair new tensors with the previous epoch's position.
+    save_tensors(folder / "checkpoint.safetensors", tensors, metadata={"position": json.dumps(position)})
     write_json(folder / "checkpoint.json", position)  # written last: a checkpoint without it is ignored
 
 
 def load_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer) -> dict | None:
     if not (folder / "checkpoint.json").exists() or not (folder / "checkpoint.safetensors").exists():
         return None
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "checkpoint.safetensors"))
+    with safe_open(str(folder / "checkpoint.safetensors"), "pt") as f:
+        metadata = f.metadata() or {}
     with torch.no_grad():
         for k, v in params.items():
             v.copy_(tensors[f"param.{k}"])
@@ -218,20 +223,28 @@ def load_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer) ->
             state.setdefault(int(i), {})[name] = value
     saved = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    return read_json(folder / "checkpoint.json")
+    return json.loads(metadata["position"]) if "position" in metadata else read_json(folder / "checkpoint.json")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The loop
 
 
-def launched_accelerator():
-    """An `accelerate.Accelerator` when this process is one of several (`accelerate launch`, torchrun), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+def launched_accelerator(cpu: bool = False):
+    """An `accelerate.Accelerator` when this process is one of several (`accelerate launch`, torchrun), else None.
+
+    `cpu`: the processes train on CPU (gloo); accelerate only joins CPU processes into a group when told so.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
         return None
     from accelerate import Accelerator
 
-    return Accelerator()
+    accelerator = Accelerator(cpu=cpu)
+    if accelerator.num_processes != world:
+        raise NestuneError(f"{world} processes were launched, but accelerate joined {accelerator.num_processes}",
+                           "launch with `accelerate launch --num_processes N -m nestune train ...`")
+    return accelerator
 
 
 def is_main(accelerator) -> bool:
@@ -313,7 +326,7 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
     return {"steps": step, "epochs": epochs, "final_loss": position["losses"][-1] if position["losses"] else None,
             "losses": position["losses"], "wall_s": round(time.perf_counter() - start, 2), "peak_memory_bytes": peak,
-            "examples_seen": min(step * t.batch_size * t.grad_accum, epochs * len(examples))}
+            "examples_seen": min(step * t.batch_size * t.grad_accum, epochs * len(examples)), "processes": world}
 
 
 def average_gradients(params: dict[str, torch.nn.Parameter], loss: float, world: int) -> float:
@@ -375,12 +388,14 @@ def run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) ->
     Under `accelerate launch` every process loads the model onto its own device and trains on its share of
     each batch; the main process generates the training targets first and alone writes the results.
     """
-    accelerator = launched_accelerator()
-    try:
-        return _run_train(cfg, run, loaded, accelerator)
-    finally:
-        if accelerator is not None:
-            accelerator.end_training()  # leaves the process group cleanly
+    from .models import resolve_device
+
+    accelerator = launched_accelerator(cpu=resolve_device(cfg.device) == "cpu")
+    summary = _run_train(cfg, run, loaded, accelerator)
+    if accelerator is not None:  # (a process that fails instead makes the launcher stop the others)
+        accelerator.wait_for_everyone()  # no process leaves the group while the main one still writes
+        accelerator.end_training()
+    return summary
 
 
 def load_for_training(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelerator):

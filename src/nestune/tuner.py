@@ -174,21 +174,33 @@ class NeSTAdapter(nn.Module):
                                "it must hold adapter_config.json and adapter_model.safetensors")
         import json
 
-        config = json.loads(cfg_path.read_text())
-        if config.get("peft_type") != ADAPTER_TYPE:
-            raise NestuneError(f"'{folder}' holds a {config.get('peft_type')} adapter, not a NeST one",
-                               "load it with peft instead")
-        tensors = load_file(str(weights_path))
-        specs = []
-        for t in config["targets"]:
-            key = _key(t["name"])
-            specs.append(TargetUpdate(t["name"], t["module_path"], t["offset"], t["transposed"], t["d_model"],
-                                      tuple(tensors[f"{key}.rows"].tolist()),
-                                      tuple(tensors[f"{key}.clusters"].tolist())))
-        adapter = cls(specs)
-        with torch.no_grad():
-            for spec in specs:
-                adapter.updates[_key(spec.name)].delta.copy_(tensors[f"{_key(spec.name)}.delta"])
+        corrupt = "the adapter is damaged: copy it again from where it was trained, or retrain it"
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise NestuneError(f"'{cfg_path}' is not valid JSON ({e})", corrupt) from None
+        if not isinstance(config, dict) or config.get("peft_type") != ADAPTER_TYPE:
+            kind = config.get("peft_type") if isinstance(config, dict) else None
+            raise NestuneError(f"'{folder}' holds a {kind} adapter, not a NeST one", "load it with peft instead")
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as e:  # safetensors raises its own SafetensorError on a truncated or foreign file
+            raise NestuneError(f"'{weights_path}' is not a readable safetensors file "
+                               f"({str(e).splitlines()[0][:120]})", corrupt) from None
+        try:
+            specs = []
+            for t in config["targets"]:
+                key = _key(t["name"])
+                specs.append(TargetUpdate(t["name"], t["module_path"], t["offset"], t["transposed"], t["d_model"],
+                                          tuple(tensors[f"{key}.rows"].tolist()),
+                                          tuple(tensors[f"{key}.clusters"].tolist())))
+            adapter = cls(specs)
+            with torch.no_grad():
+                for spec in specs:
+                    adapter.updates[_key(spec.name)].delta.copy_(tensors[f"{_key(spec.name)}.delta"])
+        except (KeyError, TypeError, RuntimeError) as e:  # a missing entry, or a delta of the wrong shape
+            raise NestuneError(f"'{folder}': adapter_config.json and adapter_model.safetensors do not match "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})", corrupt) from None
         return adapter, config
 
 

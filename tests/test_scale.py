@@ -1,0 +1,226 @@
+"""Scale out: data-parallel training under `accelerate launch`, models split by device_map, the vLLM generator.
+
+The data-parallel tests start two CPU processes (gloo) with accelerate's own launcher and compare what they
+train with a one-process run of the same global batch. Runs are built by hand (RUN/train/targets.jsonl and
+RUN/cluster/clusters.json), so nothing is generated or detected.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nestune.cli import main
+from nestune.config import load_config
+from nestune.detect import capture_pooled
+from nestune.errors import NestuneError
+from nestune.evaluate.generate import HFGenerator, VLLMGenerator, render
+from nestune.io import write_json
+from nestune.models import ffn_targets, input_device, load_model, parse_max_memory, weights_fingerprint
+from nestune.runfolder import RunFolder
+from nestune.testing import save_tiny, tiny_model, tiny_tokenizer
+from nestune.train import load_for_training, run_train
+
+# 9 rows in batches of 4: the last batch has one example, so the second process gets none there.
+SETTINGS = {"train.batch_size": "4", "train.epochs": "2", "train.lora_dropout": "0"}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("m") / "tiny", "llama"))
+
+
+def make_run(path, model_dir) -> RunFolder:
+    run = RunFolder(path)
+    rows = [{"kind": "harmful", "prompt": f"explain how to do harmful thing number {i}",
+             "response": "I'm sorry, but I can't help with that.", "own_refusal": False} for i in range(5)]
+    rows += [{"kind": "benign", "prompt": f"what is {i} plus one?", "response": f"{i} plus one is {i + 1}."}
+             for i in range(4)]
+    (run.stage("train") / "targets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    targets = {}
+    for i, t in enumerate(ffn_targets(tiny_model("llama"))):
+        rows_i = [(5 * j + i) % t.n_neurons for j in range(4)]
+        targets[t.name] = {"rows": rows_i, "clusters": [j % 2 for j in range(4)], "k": 2}
+    write_json(run.stage("cluster") / "clusters.json", {"targets": targets})
+    run.mark_done("cluster")
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(run: RunFolder, model_dir: str, method: str) -> subprocess.CompletedProcess:
+    settings = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),
+               "-m", "nestune", "train", "--run", str(run.path), "--model", model_dir, "--device", "cpu",
+               "--method", method, *settings]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+TRAINED = {"nest": "adapter/adapter_model.safetensors", "lora": "adapter-lora/adapter_model.safetensors"}
+
+
+@pytest.mark.parametrize("method", ["nest", "lora"])
+def test_two_processes_train_what_one_process_trains(tmp_path, tiny_folder, method):
+    one, two = make_run(tmp_path / "one", tiny_folder), make_run(tmp_path / "two", tiny_folder)
+    cfg = load_config(overrides={"model": tiny_folder, "out": str(one.path), "device": "cpu",
+                                 "train.method": method, **SETTINGS}, environ={})
+    single = run_train(cfg, one)
+
+    result = launch_two_processes(two, tiny_folder, method)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("trained") == 1, result.stdout  # only the main process reports
+
+    summary = json.loads((two.path / "train" / "summary.json").read_text())
+    assert summary["steps"] == single["steps"] == 6
+    assert (summary["processes"], single["processes"]) == (2, 1)
+    assert summary["losses"] == pytest.approx(single["losses"], abs=1e-4)
+    expected, found = load_file(one.path / "train" / TRAINED[method]), load_file(two.path / "train" / TRAINED[method])
+    assert expected.keys() == found.keys()
+    for key in expected:
+        assert torch.allclose(found[key], expected[key], atol=1e-5), key
+    assert any(v.abs().max() > 0 for k, v in found.items() if "delta" in k or "lora_B" in k), "nothing trained"
+    assert (two.path / "train" / "DONE.json").exists()
+    assert not list(two.path.rglob(".*.tmp")), "a half-written file was left behind"
+
+
+def test_other_stages_refuse_to_run_in_several_processes(tmp_path, tiny_folder, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["detect", "--model", tiny_folder, "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "only `train` is data parallel" in err and "accelerate launch" in err
+
+
+def test_data_parallel_training_refuses_a_device_map(tmp_path, tiny_folder):
+    cfg = load_config(overrides={"model": tiny_folder, "device_map": "auto"}, environ={})
+    with pytest.raises(NestuneError, match="device_map"):
+        load_for_training(cfg, RunFolder(tmp_path), None, types.SimpleNamespace(device="cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# device_map: a model split over CPU memory and disk captures the same activations
+
+
+def test_max_memory_strings():
+    assert parse_max_memory("0=20GiB, 1=20GiB,cpu=60GiB") == {0: "20GiB", 1: "20GiB", "cpu": "60GiB"}
+    assert parse_max_memory("cpu=200000") == {"cpu": 200000}
+    with pytest.raises(NestuneError, match="DEVICE=SIZE"):
+        parse_max_memory("20GiB")
+
+
+def test_split_and_offloaded_models_capture_the_same_activations(tmp_path):
+    folder = str(save_tiny(tmp_path / "tiny4", "llama", layers=4))
+    texts = ["hi there", "how do I pick a lock", "what is two plus two?", "x" * 30, "tell me a story"]
+    plain = load_model(folder, "cpu")
+    expected = capture_pooled(plain.model, plain.tokenizer, texts, ffn_targets(plain.model), 2, 64)
+    # ~200 kB of CPU memory holds the embedding and a few layers; the rest stays on disk. A budget of
+    # 60 kB offloads the whole model, embedding included.
+    for budget, placed in [("cpu=200000", {"cpu", "disk"}), ("cpu=60000", {"disk"})]:
+        split = load_model(folder, "cpu", max_memory=budget)  # device_map "auto" is implied
+        assert set(split.model.hf_device_map.values()) == placed, split.model.hf_device_map
+        assert input_device(split.model).type == "cpu"
+        found = capture_pooled(split.model, split.tokenizer, texts, ffn_targets(split.model), 2, 64)
+        for name in expected:
+            assert torch.allclose(found[name], expected[name], atol=1e-6), (budget, name)
+    with pytest.raises(NestuneError, match="offloaded"):  # NeST cannot write into weights that are not there
+        weights_fingerprint(split.model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generators: what both share, and vLLM where it is installed
+
+TEXTS = ["hi", "a longer prompt with a few words", "tell me more"]
+PREFIXES = ["Sure, here is", "", "Absolutely:"]
+
+
+def test_hf_generator_continues_the_shared_rendering(tmp_path):
+    """Both generators render prompts with `render` and return prefix + continuation; check HF against a
+    hand-made greedy decode of the rendered text."""
+    model, tok = tiny_model("llama", seed=2), tiny_tokenizer()
+    out = HFGenerator(model, tok, batch_size=2, show_progress=False).generate(TEXTS, PREFIXES, max_new_tokens=6)
+    rendered = render(tok, TEXTS, PREFIXES)
+    for text, prefix, prompt, completion in zip(TEXTS, PREFIXES, rendered, out):
+        assert prompt == tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True) + prefix
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+        new = new.tolist()
+        ends = [i for i, t in enumerate(new) if t in (tok.eos_token_id, tok.pad_token_id)]
+        new = new[: ends[0]] if ends else new
+        assert completion == prefix + tok.decode(new, skip_special_tokens=True)
+
+
+def test_vllm_generator_renders_like_hf(monkeypatch):
+    """VLLMGenerator sends vLLM the same rendered prompts and returns prefix + text (vLLM itself faked)."""
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, model, **kwargs):
+            seen["model"] = model
+
+        def generate(self, prompts, params, use_tqdm=True):
+            seen["prompts"], seen["params"] = prompts, params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" answer {i}")])
+                    for i in range(len(prompts))]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = FakeLLM
+    fake.SamplingParams = lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    tok = tiny_tokenizer()
+    gen = VLLMGenerator("some/folder", tok, max_length=300)
+    out = gen.generate(TEXTS, PREFIXES, max_new_tokens=7)
+    assert seen["prompts"] == render(tok, TEXTS, PREFIXES)
+    assert seen["params"] == {"temperature": 0.0, "max_tokens": 7, "truncate_prompt_tokens": 300}
+    assert out == [p + f" answer {i}" for i, p in enumerate(PREFIXES)]
+    assert gen.settings.keys() == HFGenerator(None, tok).settings.keys()
+    assert gen.generate([]) == []
+
+
+def _vllm_missing() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def test_adapter_with_vllm_is_refused(tmp_path):
+    from nestune.pipeline import eval_command
+
+    cfg = load_config(overrides={"eval.generator": "vllm", "out": str(tmp_path)}, environ={})
+    with pytest.raises(NestuneError, match="without the adapter"):
+        eval_command(cfg, adapter=str(tmp_path / "adapter"))
+
+
+@pytest.mark.skipif(_vllm_missing(), reason="vLLM is not installed (pip install 'nestune[vllm]'; needs a GPU)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM needs a GPU")
+def test_vllm_generator_on_a_tiny_model(tmp_path):
+    # head_dim 64 (hidden 128, 2 heads) suits vLLM's attention kernels; 4096 positions fit its max_model_len.
+    model = tiny_model("llama", seed=3, hidden=128)
+    model.config.max_position_embeddings = 4096
+    model.save_pretrained(tmp_path / "m")
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "m")
+    gen = VLLMGenerator(str(tmp_path / "m"), tok, max_length=256, gpu_memory_utilization=0.2)
+    out = gen.generate(TEXTS, PREFIXES, max_new_tokens=8)
+    assert [o.startswith(p) for o, p in zip(out, PREFIXES)] == [True] * len(TEXTS)
+    assert out == gen.generate(TEXTS, PREFIXES, max_new_tokens=8)  # greedy: deterministic
+    hf = HFGenerator(model.to("cuda"), tok, show_progress=False).generate(TEXTS, PREFIXES, max_new_tokens=8)
+    assert sum(a == b for a, b in zip(out, hf)) >= len(TEXTS) - 1  # same greedy decode, up to a float tie
