@@ -9,7 +9,7 @@ from nestune.cli import build_parser, main
 from nestune.testing import save_tiny
 
 SUBCOMMANDS = ["models", "data", "detect", "cluster", "train", "fold", "apply", "eval", "run", "compare",
-               "report"]
+               "report", "attack"]
 
 
 def run_cli(*args, cwd=None):

@@ -94,16 +94,14 @@ def test_the_model_loader_passes_the_users_choice_through(monkeypatch, tmp_path)
     folder = str(save_tiny(tmp_path / "tiny"))
     seen = []
 
-    def spy(auto_class):
-        class Spy:
-            @staticmethod
-            def from_pretrained(*args, **kwargs):
-                seen.append(kwargs.get("trust_remote_code"))
-                return auto_class.from_pretrained(*args, **kwargs)
-        return Spy
+    def spy(real):
+        def from_pretrained(cls, *args, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return real(*args, **kwargs)
+        return classmethod(from_pretrained)
 
-    for name in ("AutoModelForCausalLM", "AutoTokenizer"):
-        monkeypatch.setattr(transformers, name, spy(getattr(transformers, name)))
+    for auto_class in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(auto_class, "from_pretrained", spy(auto_class.from_pretrained))
     load_model(folder, device="cpu")
     assert seen == [False, False]
     load_model(folder, device="cpu", trust_remote_code=True)

@@ -99,7 +99,8 @@ def test_direction_ablation_keeps_the_residual_stream_orthogonal(arch):
         seen.clear()
         with torch.no_grad(), hooked(hooks + capture):
             logits = model(**enc).logits
-        return [float(((h @ unit) / h.norm(dim=-1)).abs().max()) for h in seen], logits
+        real = enc["attention_mask"].bool()  # pad positions attend to nothing; their states are undefined
+        return [float(((h @ unit) / h.norm(dim=-1))[real].abs().max()) for h in seen], logits[real]
 
     plain, plain_logits = cosines([])
     ablated, ablated_logits = cosines(ablation_hooks(model, direction))
