@@ -335,3 +335,18 @@ def test_random_neurons_avoid_the_detected_rows(tmp_path):
         assert len(rows) == len(clusters[t.name]["rows"])
         assert not set(rows) & set(clusters[t.name]["rows"])
     assert summary["trainable_params"] == sum(e["k"] * 32 for e in clusters.values())
+
+
+def test_peak_memory_window_restarts_for_each_method():
+    # compare trains methods one after another in one process; each must report its own peak, not the largest so far
+    import sys
+
+    from nestune.train import _peak_rss, _reset_peak_rss
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the peak window is reset through /proc (Linux)")
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    peak_with = _peak_rss()
+    del big
+    _reset_peak_rss()
+    assert _peak_rss() < peak_with - 32 * 2**20

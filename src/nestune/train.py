@@ -289,6 +289,8 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     start, step = time.perf_counter(), position["step"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
     for epoch in range(position["epoch"], epochs):
@@ -343,8 +345,25 @@ def average_gradients(params: dict[str, torch.nn.Parameter], loss: float, world:
     return total.item() / world
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak-memory window (Linux): without it, methods trained one after another in one process
+    (`nestune compare`) would all report the largest peak seen so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_rss() -> int:
-    """Peak resident memory of this process on CPU (bytes); the same measure for every method."""
+    """Peak resident memory of this process on CPU since `_reset_peak_rss` (bytes); the same measure for
+    every method. Falls back to the lifetime peak where /proc is not available."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
