@@ -129,7 +129,7 @@ def test_rerun_resumes_without_generating(tmp_path, setup):
 
 
 def test_attack_metrics_by_hand():
-    rows = [{"source": "s", "behaviour": b, "attack": a, "refused": refused}
+    rows = [{"source": "s", "behaviour": b, "attack": a, "refused": refused, "answered": True}
             for b, a, refused in [("1", "none", True), ("1", "aim", False), ("2", "none", True), ("2", "aim", True)]]
     m = attack_metrics(rows, ["none", "aim"], 100, 0)
     assert m["asr_by_attack"]["none"]["rate"] == 0.0 and m["asr_by_attack"]["aim"]["rate"] == 0.5

@@ -262,6 +262,8 @@ def example_pairs(run: RunFolder, n_behaviours: int = 2, max_chars: int = 300) -
     """A few behaviours' answers before and after hardening, for every attack: what the numbers stand for."""
     import json
 
+    from .evaluate.run import attack_succeeded
+
     def rows(stage: str) -> dict:
         path = run.path / stage / "generations.jsonl"
         if not path.exists():
@@ -282,8 +284,7 @@ def example_pairs(run: RunFolder, n_behaviours: int = 2, max_chars: int = 300) -
             one, two = before[(s, b, attack)], after[(s, b, attack)]
             pairs.append({"behaviour": f"{s}/{b}", "attack": attack,
                           "before": one["response"][:max_chars], "after": two["response"][:max_chars],
-                          "before_success": not one["refused"] and one.get("answered", True),
-                          "after_success": not two["refused"] and two.get("answered", True)})
+                          "before_success": attack_succeeded(one), "after_success": attack_succeeded(two)})
     return pairs
 
 
