@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -89,7 +88,7 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
     hooks = [(get_module(model, t.module_path), hook_for(t)) for t in targets]
     body = getattr(model, "base_model", model)  # the decoder without the LM head: its logits are not needed
     device = input_device(model)
-    show = sys.stderr.isatty() and len(batches) > 1
+    show = len(batches) > 1  # shown in logs too, as the other stages do
     with torch.inference_mode(), add_hooks(hooks):
         for batch in tqdm(batches, desc="capturing activations", unit="batch", disable=not show):
             enc = encode_chat(tokenizer, [texts[i] for i in batch], max_length, device=device)
