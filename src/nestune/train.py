@@ -208,11 +208,10 @@ def load_checkpoint(folder: Path, params: dict[str, torch.Tensor], optimizer) ->
     if not (folder / "checkpoint.json").exists() or not (folder / "checkpoint.safetensors").exists():
         return None
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    tensors = load_file(str(folder / "checkpoint.safetensors"))
-    with safe_open(str(folder / "checkpoint.safetensors"), "pt") as f:
+    with safe_open(str(folder / "checkpoint.safetensors"), "pt") as f:  # one read: tensors and position
         metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
     with torch.no_grad():
         for k, v in params.items():
             v.copy_(tensors[f"param.{k}"])
