@@ -362,30 +362,19 @@ def bench_capture(model, tokenizer, texts: list[str], repeats: int, device: torc
 # 3. Evaluation generation
 
 
-class CountingModel:
-    """The model, with `generate` keeping each batch's new tokens (HFGenerator returns only text)."""
+class TokenCounter:
+    """Counts token slots: rows in each forward pass (every pass yields one token per row).
+
+    Works for `model.generate` and for nestune's own decoding loop alike: a forward hook sees every pass.
+    """
 
     def __init__(self, model):
-        self.model = model
-        self.new_tokens: list[torch.Tensor] = []
+        self.slots = 0
+        self.handle = model.register_forward_hook(self._count, with_kwargs=True)
 
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def generate(self, input_ids, **kwargs):
-        out = self.model.generate(input_ids=input_ids, **kwargs)
-        self.new_tokens.append(out[:, input_ids.shape[1]:].cpu())
-        return out
-
-
-def count_new_tokens(batches: list[torch.Tensor], ends: set[int]) -> tuple[int, int]:
-    """(tokens produced before each row's first end-of-turn or pad token, token slots computed)."""
-    produced = slots = 0
-    for new in batches:
-        slots += new.numel()
-        for row in new.tolist():
-            produced += next((i for i, t in enumerate(row) if t in ends), len(row))
-    return produced, slots
+    def _count(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.slots += ids.shape[0]
 
 
 def bench_generate(model, tokenizer, texts: list[str], repeats: int, max_new_tokens: int,
@@ -393,14 +382,17 @@ def bench_generate(model, tokenizer, texts: list[str], repeats: int, max_new_tok
     from transformers import GenerationConfig
 
     from nestune.config import EvalConfig
-    from nestune.evaluate.generate import HFGenerator, stop_token_ids
+    from nestune.evaluate import generate as generate_module
+    from nestune.evaluate.generate import HFGenerator, greedy_decode, stop_token_ids
     from nestune.evaluate.judges import RefusalJudge
     from nestune.models import encode_chat
 
     ev = EvalConfig()
     judge = RefusalJudge()
-    counter = CountingModel(model)
+    counter = TokenCounter(model)
     stops = stop_token_ids(model, tokenizer)
+    ends = set(stops) | {tokenizer.pad_token_id}
+    new_tokens = [0]
 
     def plain(prompts, n_new):
         # Batch 8 in input order; the same greedy settings and end tokens as HFGenerator.
@@ -408,9 +400,17 @@ def bench_generate(model, tokenizer, texts: list[str], repeats: int, max_new_tok
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         for i in range(0, len(prompts), PLAIN_BATCH_SIZE):
             enc = encode_chat(tokenizer, prompts[i:i + PLAIN_BATCH_SIZE], ev.max_length, device=device)
-            counter.generate(**enc, generation_config=config)
+            out = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
+            new_tokens[0] += sum(next((j for j, t in enumerate(row) if t in ends), len(row))
+                                 for row in out.tolist())
 
-    sorted_batches = HFGenerator(counter, tokenizer, batch_size=ev.batch_size, max_length=ev.max_length,
+    def counted_decode(*args, **kwargs):
+        rows = greedy_decode(*args, **kwargs)
+        new_tokens[0] += sum(len(r) for r in rows)
+        return rows
+
+    generate_module.greedy_decode = counted_decode  # HFGenerator looks it up in its module at each call
+    sorted_batches = HFGenerator(model, tokenizer, batch_size=ev.batch_size, max_length=ev.max_length,
                                  show_progress=False)
     early_stop = sorted_batches.with_stop(judge.decided)  # as evaluate_model uses it for attacks
     outputs = {}
@@ -426,18 +426,22 @@ def bench_generate(model, tokenizer, texts: list[str], repeats: int, max_new_tok
     print("  generate: warm-up", flush=True)
     for name in names:
         run(name, texts[:2], 4)
-    # Each timed run starts with an empty token record; greedy decoding makes every repeat the same.
+    # Each timed run starts the counts at zero; greedy decoding makes every repeat the same.
     produced = {}
 
     def timed_variant(name):
         def fn():
-            counter.new_tokens = []
+            counter.slots, new_tokens[0] = 0, 0
             run(name, texts, max_new_tokens)
-            produced[name] = count_new_tokens(counter.new_tokens, set(stops) | {tokenizer.pad_token_id})
+            produced[name] = (new_tokens[0], counter.slots)
         return fn
 
     print(f"  generate: {len(texts)} prompts x {max_new_tokens} new tokens, {repeats} repeats", flush=True)
-    times = alternate({name: timed_variant(name) for name in names}, repeats, device)
+    try:
+        times = alternate({name: timed_variant(name) for name in names}, repeats, device)
+    finally:
+        generate_module.greedy_decode = greedy_decode
+        counter.handle.remove()
     variants = {}
     for name in names:
         new, slots = produced[name]

@@ -40,8 +40,8 @@ def hardened(tmp_path_factory, smol):
         "model": "smollm2-135m", "out": str(out), "device": "cpu",
         "detect.n_prompts": 96, "detect.probe_epochs": 3000, "detect.z_threshold": 2.5,
         "train.n_harmful": 48, "train.n_benign": 32, "train.epochs": 3, "train.answer_tokens": 32,
-        # 30 steps: a short run needs a larger step than the default to move refusals reliably
-        "train.lr": 0.2,
+        # relative lr (x the RMS of the changed rows, ~0.19 here): 1.0 moves refusals reliably in 30 steps
+        "train.lr": 1.0,
     })
     run = RunFolder(out)
     run.save_config(cfg)

@@ -3,8 +3,14 @@
 import pytest
 
 from nestune.errors import NestuneError
-from nestune.evaluate.generate import HFGenerator, length_sorted_batches, make_generator
-from nestune.testing import tiny_model, tiny_tokenizer
+from nestune.evaluate.generate import (
+    HFGenerator,
+    greedy_decode,
+    length_sorted_batches,
+    make_generator,
+    stop_token_ids,
+)
+from nestune.testing import TINY_ARCHS, tiny_model, tiny_tokenizer
 
 TEXTS = ["hi", "a much longer prompt with several words in it", "mid length", "x" * 40, "q", "tell me more"]
 
@@ -75,3 +81,36 @@ def test_make_generator_kinds(model, tok):
         with pytest.raises(NestuneError) as err:
             make_generator("vllm", loaded, cfg)
         assert "vllm" in err.value.fix.lower()
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_greedy_decode_equals_transformers_generate(arch, tok):
+    from transformers import GenerationConfig
+
+    from nestune.models import chat_prompts
+
+    model = tiny_model(arch, seed=1)
+    tok.padding_side = "left"
+    enc = tok(chat_prompts(tok, TEXTS), return_tensors="pt", padding=True, add_special_tokens=False)
+    stops = stop_token_ids(model, tok) + [tok.pad_token_id]
+    config = GenerationConfig(do_sample=False, max_new_tokens=12, num_beams=1, pad_token_id=tok.pad_token_id,
+                              eos_token_id=stops)
+    reference = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:].tolist()
+    reference = [next((row[:i] for i, t in enumerate(row) if t in stops), row) for row in reference]
+    assert greedy_decode(model, enc["input_ids"], enc["attention_mask"], 12, stops) == reference
+    assert sum(len(r) for r in reference) >= len(TEXTS)  # the rows produced tokens to compare
+
+
+def test_rows_that_are_decided_leave_the_batch(model, tok):
+    rows_per_pass = []
+    handle = model.register_forward_hook(lambda m, a, kw, out: rows_per_pass.append(kw["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    try:
+        gen = HFGenerator(model, tok, batch_size=4, show_progress=False,
+                          stop_when_decided=lambda text: text.startswith("STOP"))
+        out = gen.generate(TEXTS[:4], ["STOP", "go", "STOP", "go"], 10)
+    finally:
+        handle.remove()
+    full = HFGenerator(model, tok, batch_size=4, show_progress=False).generate(TEXTS[:4], ["", "go", "", "go"], 10)
+    assert out[1] == full[1] and out[3] == full[3]  # the rows still going are unchanged by the others leaving
+    assert rows_per_pass[0] == 4 and rows_per_pass[1] == 2  # the two decided rows left after the first pass

@@ -125,3 +125,39 @@ def test_apply_to_other_base_is_refused(tmp_path):
     _, config = NeSTAdapter.load(tmp_path)
     with pytest.raises(NestuneError, match="trained on"):
         check_same_base(config, tiny_model("llama", seed=1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])  # plain, fused gate_up (offset), Conv1D (transposed)
+def test_relative_lr_scales_each_first_step_by_the_rms_of_its_rows(arch, tmp_path):
+    from nestune.config import Config
+    from nestune.train import Example, train_loop
+
+    model = tiny_model(arch)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = {t.name: t for t in ffn_targets(model)}
+    adapter = make_adapter(model)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.zero_()
+        # Make one target's weights 10x larger: its scale (and so its step) must follow.
+        first = adapter.specs[0]
+        get_module(model, first.module_path).weight.mul_(10)
+    adapter.attach(model)
+    scales = adapter.row_scales(model)
+    for spec in adapter.specs:
+        rows = neuron_weight(get_module(model, spec.module_path), targets[spec.name])[list(spec.rows)]
+        expected = rows.float().pow(2).mean().sqrt().item()
+        assert scales[f"updates.{spec.name.replace('.', '_')}.delta"] == pytest.approx(expected, rel=1e-5)
+
+    cfg = Config()
+    cfg.train.lr, cfg.train.max_steps, cfg.train.batch_size = 0.5, 1, 2
+    examples = [Example(list(range(10, 22)), [-100] * 6 + list(range(16, 22)), False) for _ in range(2)]
+    params = dict(adapter.named_parameters())
+    train_loop(model, params, examples, cfg, tmp_path, lr_scales=scales)
+    for name, p in params.items():
+        # Adam's first step moves every element with a gradient by lr (sign of the gradient) x its scale.
+        moved = p.detach().abs()
+        moved = moved[moved > 0]
+        assert moved.numel() > 0
+        assert torch.allclose(moved, torch.full_like(moved, 0.5 * scales[name]), rtol=1e-3)

@@ -9,8 +9,8 @@ for the same steps as NeST, write RUN/train/summary.json with the same keys as N
 model as an ordinary checkpoint in RUN/train/merged, which `nestune fold` copies to RUN/fold/model. LoRA and
 circuit breakers also keep their peft adapter in RUN/train/adapter-lora.
 
-Learning rate: train.lr = 0 (the default) means each method's usual default (train.METHOD_LR: NeST's 1e-2
-would wreck a fully fine-tuned model); an lr the user sets is used as given. The lr used is recorded in
+Learning rate: train.lr = 0 (the default) means each method's usual default (train.METHOD_LR: NeST's relative
+lr would wreck a fully fine-tuned model); an lr the user sets is used as given. The lr used is recorded in
 summary.json.
 
 The trained model is changed in place (merged or fine-tuned weights): callers reload the base model

@@ -50,7 +50,9 @@ class TrainConfig:
     max_steps: int = 0  # 0: no step limit (epochs decide)
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 0.0  # 0: the method's default (train.METHOD_LR: NeST 5e-2, LoRA 2e-4, full 2e-5)
+    # 0: the method's default (train.METHOD_LR: LoRA 2e-4, full 2e-5; NeST 0.5, relative: each delta's step
+    # is lr x the RMS of the weight rows it changes, so one value fits models whose weights differ in scale)
+    lr: float = 0.0
     weight_decay: float = 0.0
     prefill_fraction: float = 0.25  # harmful examples that open affirmatively, then refuse (train.py)
     benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original

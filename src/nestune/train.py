@@ -56,9 +56,12 @@ REFUSAL_BANK = [
 ]
 
 
-# train.lr = 0 means the method's usual learning rate. NeST's deltas start at zero and are few, so they take
-# a large one; the same lr would wreck a fully fine-tuned model.
-METHOD_LR = {"nest": 5e-2, "neurons": 5e-2, "random": 5e-2, "full": 2e-5, "lora": 2e-4, "circuit-breakers": 1e-4}
+# train.lr = 0 means the method's usual learning rate. For nest, neurons and random the lr is relative: each
+# delta's Adam step is lr x the RMS of the weight rows it changes (NeSTAdapter.row_scales), because the same
+# absolute lr that hardens smollm2-135m (row RMS ~0.19) wrecks qwen2.5-0.5b (row RMS ~0.02).
+RELATIVE_LR = 0.5
+METHOD_LR = {"nest": RELATIVE_LR, "neurons": RELATIVE_LR, "random": RELATIVE_LR,
+             "full": 2e-5, "lora": 2e-4, "circuit-breakers": 1e-4}
 
 
 def with_method_lr(cfg: Config, method: str) -> Config:
@@ -256,10 +259,12 @@ def main_first(accelerator):
 
 
 def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Example], cfg: Config,
-               folder: Path, loss_fn=None, pad_id: int = 0, accelerator=None) -> dict:
+               folder: Path, loss_fn=None, pad_id: int = 0, accelerator=None,
+               lr_scales: dict[str, float] | None = None) -> dict:
     """AdamW on `params` over `examples` for cfg.train.epochs (or max_steps); resumable per epoch.
 
-    `loss_fn(model, batch)` defaults to `response_loss`. Returns stats: steps, final loss, wall time,
+    `loss_fn(model, batch)` defaults to `response_loss`. `lr_scales` multiplies the lr of the named
+    parameters (NeST's relative lr). Returns stats: steps, final loss, wall time,
     peak memory, examples seen.
 
     With an `accelerator` of N processes, each takes every N-th example of each micro-batch, weights its loss by
@@ -270,7 +275,11 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     if not examples:
         raise NestuneError("no training examples", "check the harmful and benign training sets")
     loss_fn = loss_fn or (lambda m, b: response_loss(m, b, cfg))
-    optimizer = torch.optim.AdamW(list(params.values()), lr=t.lr, weight_decay=t.weight_decay)
+    if lr_scales:
+        groups = [{"params": [p], "lr": t.lr * lr_scales[name]} for name, p in params.items()]
+    else:
+        groups = [{"params": list(params.values()), "lr": t.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / (t.batch_size * t.grad_accum))
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -454,6 +463,7 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
         p.requires_grad_(False)
     adapter = NeSTAdapter(adapter_specs(run, method, cfg.seed, model)).attach(model)
     params = {name: p for name, p in adapter.named_parameters()}
+    scales = adapter.row_scales(model)
     if is_main(accelerator):
         print(f"training {method}: {adapter.num_trainable():,} trainable parameters "
               f"({sum(len(s.rows) for s in adapter.specs):,} neurons in {sum(s.k for s in adapter.specs)} "
@@ -461,12 +471,15 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
     stats = train_loop(model, params, examples,
                        cfg, folder,
                        loss_fn=lambda m, b: response_loss(m, b, cfg, reference=adapter.disabled),
-                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator)
+                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator, lr_scales=scales)
     adapter.detach()
     if not is_main(accelerator):
         return {"method": method, **stats}  # the main process writes the results
     adapter.save(folder / "adapter", base, extra={"method": method})
+    effective = sorted(cfg.train.lr * v for v in scales.values())
     summary = {"method": method, "trainable_params": adapter.num_trainable(), "lr": cfg.train.lr,
+               "lr_relative_to": "RMS of the weight rows each delta changes",
+               "effective_lr": {"min": effective[0], "median": effective[len(effective) // 2], "max": effective[-1]},
                "n_neurons": sum(len(s.rows) for s in adapter.specs),
                "n_clusters": sum(s.k for s in adapter.specs),
                "n_harmful": sum(r["kind"] == "harmful" for r in rows),

@@ -121,6 +121,21 @@ class NeSTAdapter(nn.Module):
                 u.enabled = f
 
     @torch.no_grad()
+    def row_scales(self, model: nn.Module) -> dict[str, float]:
+        """RMS of each target's selected weight rows, keyed like `named_parameters()` ("updates.<key>.delta").
+
+        Training scales each delta's learning rate by it, so one relative lr fits models whose weights differ
+        in scale (smollm2-135m's FFN rows have RMS ~0.19, qwen2.5-0.5b's ~0.02).
+        """
+        scales = {}
+        for spec in self.specs:
+            w = get_module(model, spec.module_path).weight
+            cols = self.updates[_key(spec.name)].columns.to(w.device)
+            rows = w[:, cols] if spec.transposed else w[cols]
+            scales[f"updates.{_key(spec.name)}.delta"] = float(rows.float().pow(2).mean().sqrt())
+        return scales
+
+    @torch.no_grad()
     def fold(self, model: nn.Module) -> None:
         """W[rows] += delta[cluster_of_row], in fp32, then removes the hooks. Other weights are untouched."""
         self.detach()

@@ -9,10 +9,10 @@ that prefix, so a judge sees the whole answer. `settings` records what decides t
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
-from transformers import StoppingCriteria
 
 from ..errors import NestuneError
 from ..models import chat_prompts, input_device
@@ -49,25 +49,6 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-class StopWhenDecided(StoppingCriteria):
-    """Per-row stopping: a row stops once `decided(prefix + text so far)` is True.
-
-    Returns a bool tensor with one entry per row (transformers >= 4.39 stops rows individually and pads
-    the stopped rows); the batch ends when every row has stopped or reached the budget.
-    """
-
-    def __init__(self, tokenizer, prompt_length: int, prefixes: list[str], decided: Callable[[str], bool]):
-        self.tokenizer = tokenizer
-        self.prompt_length = prompt_length
-        self.prefixes = prefixes
-        self.decided = decided
-
-    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        done = [self.decided(p + t) for p, t in zip(self.prefixes, texts)]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class HFGenerator(Generator):
@@ -111,37 +92,70 @@ class HFGenerator(Generator):
 
     @torch.no_grad()
     def _generate_batch(self, rendered: list[str], prefixes: list[str], max_new_tokens: int) -> list[str]:
-        from transformers import GenerationConfig, StoppingCriteriaList
-
         tok = self.tokenizer
         tok.padding_side = "left"  # generation continues from the last position of every row
         tok.truncation_side = "left"  # over-long prompts keep their end (the generation prompt)
         enc = tok(rendered, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
                   add_special_tokens=False)
         device = input_device(self.model)
-        input_ids = enc["input_ids"].to(device)
-        attention_mask = enc["attention_mask"].to(device)
-        stops = stop_token_ids(self.model, tok)
-        # A fresh config, so a model's own sampling defaults (temperature, top_p) never apply: greedy.
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, num_beams=1,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=stops)
-        criteria = None
+        decided = None
         if self.stop_when_decided is not None:
-            criteria = StoppingCriteriaList([StopWhenDecided(tok, input_ids.shape[1], prefixes,
-                                                             self.stop_when_decided)])
-        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                     stopping_criteria=criteria)
-        new_tokens = output[:, input_ids.shape[1] :].tolist()
-        ends = set(stops) | {tok.pad_token_id}
-        return [p + tok.decode(_until(ids, ends), skip_special_tokens=True) for p, ids in zip(prefixes, new_tokens)]
+            def decided(row, ids):
+                return self.stop_when_decided(prefixes[row] + tok.decode(ids, skip_special_tokens=True))
+        new_tokens = greedy_decode(self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                   max_new_tokens, stop_token_ids(self.model, tok) + [tok.pad_token_id], decided)
+        return [p + tok.decode(ids, skip_special_tokens=True) for p, ids in zip(prefixes, new_tokens)]
 
 
-def _until(ids: list[int], ends: set[int]) -> list[int]:
-    """Tokens before the first end-of-turn or pad token."""
-    for i, t in enumerate(ids):
-        if t in ends:
-            return ids[:i]
-    return ids
+@torch.no_grad()
+def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  stop_ids: list[int], decided: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch; returns each row's new tokens (without the end token).
+
+    Unlike `model.generate`, a row that ends (an end-of-turn token, or `decided(row, new_ids)` is True) leaves
+    the batch and its KV cache at once, so later steps compute only the rows still going: the hardened model's
+    refusals end after a few tokens and stop costing anything. Outputs equal `generate`'s greedy ones.
+    """
+    from transformers import DynamicCache
+
+    n = input_ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(n)]
+    if max_new_tokens <= 0:
+        return out
+    stops = set(stop_ids)
+    alive = torch.arange(n, device=input_ids.device)  # the original row of each row still in the batch
+    cache = DynamicCache(config=model.config)
+    # Left padding: positions count real tokens only, as `generate` computes them.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    # The cache argument is `cache` from transformers 5 on, `past_key_values` before; logits for the last
+    # position only where the model supports it.
+    accepts = inspect.signature(model.forward).parameters
+    extra = {"cache" if "cache" in accepts else "past_key_values": cache}
+    if "logits_to_keep" in accepts:
+        extra["logits_to_keep"] = 1
+    ids = input_ids
+    for step in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                       **extra).logits[:, -1]
+        next_ids = logits.argmax(-1)
+        keep = []
+        for j, (row, token) in enumerate(zip(alive.tolist(), next_ids.tolist())):
+            if token in stops:
+                continue
+            out[row].append(token)
+            if decided is None or not decided(row, out[row]):
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=input_ids.device)
+            cache.batch_select_indices(index)
+            alive, next_ids = alive[index], next_ids[index]
+            attention_mask, position_ids = attention_mask[index], position_ids[index]
+        ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+    return out
 
 
 class VLLMGenerator(Generator):
