@@ -224,3 +224,63 @@ def test_vllm_generator_on_a_tiny_model(tmp_path):
     assert out == gen.generate(TEXTS, PREFIXES, max_new_tokens=8)  # greedy: deterministic
     hf = HFGenerator(model.to("cuda"), tok, show_progress=False).generate(TEXTS, PREFIXES, max_new_tokens=8)
     assert sum(a == b for a, b in zip(out, hf)) >= len(TEXTS) - 1  # same greedy decode, up to a float tie
+
+
+def _oom_above(model, max_rows: int):
+    """A forward hook that fails like CUDA does when a batch has more than max_rows rows."""
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids.shape[0] > max_rows:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_capture_backs_off_on_out_of_memory_and_gives_the_same_activations(capsys):
+    from nestune.detect import capture_pooled
+    from nestune.models import ffn_targets
+    from nestune.testing import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    texts = [f"prompt number {i} " + "word " * i for i in range(10)]
+    targets = ffn_targets(model)
+    plain = capture_pooled(model, tok, texts, targets, batch_size=8, max_length=64)
+    handle = _oom_above(model.model, 2)
+    try:
+        backed_off = capture_pooled(model, tok, texts, targets, batch_size=8, max_length=64)
+    finally:
+        handle.remove()
+    assert "retrying with 2" in capsys.readouterr().out
+    for name in plain:
+        assert torch.allclose(plain[name], backed_off[name], atol=1e-5)
+
+
+def test_capture_out_of_memory_at_batch_one_is_a_clear_error():
+    from nestune.detect import capture_pooled
+    from nestune.errors import NestuneError
+    from nestune.models import ffn_targets
+    from nestune.testing import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    handle = _oom_above(model.model, 0)
+    try:
+        with pytest.raises(NestuneError, match="out of memory even with batch size 1"):
+            capture_pooled(model, tok, ["a", "b"], ffn_targets(model), batch_size=2, max_length=64)
+    finally:
+        handle.remove()
+
+
+def test_generation_splits_a_batch_on_out_of_memory(capsys):
+    from nestune.evaluate.generate import HFGenerator
+    from nestune.testing import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama", seed=1), tiny_tokenizer()
+    texts = ["hi", "a longer prompt here", "mid", "q", "tell me more", "x" * 20]
+    plain = HFGenerator(model, tok, batch_size=6, show_progress=False).generate(texts, None, 8)
+    handle = _oom_above(model, 2)
+    try:
+        gen = HFGenerator(model, tok, batch_size=6, show_progress=False)
+        split = gen.generate(texts, None, 8)
+    finally:
+        handle.remove()
+    assert split == plain
+    assert gen.batch_size <= 2 and "retrying with 3" in capsys.readouterr().out  # later batches start smaller

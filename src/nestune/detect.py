@@ -33,7 +33,15 @@ from torch import nn
 from .config import Config
 from .errors import NestuneError
 from .io import atomic_path, read_json, save_tensors, write_json
-from .models import FFNTarget, LoadedModel, encode_chat, ffn_targets, get_module, input_device
+from .models import (
+    FFNTarget,
+    LoadedModel,
+    encode_chat,
+    ffn_targets,
+    get_module,
+    input_device,
+    with_batch_backoff,
+)
 from .runfolder import RunFolder
 
 SIGNS = ("positive", "negative", "both")
@@ -72,11 +80,11 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
     """Max-pooled pre-activation outputs of every target's neurons: {name: float32 CPU (n_prompts, n_neurons)}."""
     from tqdm.auto import tqdm
 
-    # Batches of similar length waste less compute on padding; results go back to the caller's order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    # Batches of similar length waste less compute on padding, longest first so that an out-of-memory error
+    # comes at once; results go back to the caller's order.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     current = {}  # the batch's attention mask, read by the hooks
-    pooled: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+    pooled: dict[str, list[torch.Tensor]] = {}
 
     def hook_for(target: FFNTarget):
         def hook(module, args, output):
@@ -88,13 +96,19 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
     hooks = [(get_module(model, t.module_path), hook_for(t)) for t in targets]
     body = getattr(model, "base_model", model)  # the decoder without the LM head: its logits are not needed
     device = input_device(model)
-    show = len(batches) > 1  # shown in logs too, as the other stages do
-    with torch.inference_mode(), add_hooks(hooks):
-        for batch in tqdm(batches, desc="capturing activations", unit="batch", disable=not show):
-            enc = encode_chat(tokenizer, [texts[i] for i in batch], max_length, device=device)
-            current["mask"] = enc["attention_mask"]
-            body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                 position_ids=position_ids(enc["attention_mask"]), use_cache=False)
+
+    def capture(size: int) -> None:
+        pooled.update({t.name: [] for t in targets})  # a retry with a smaller batch starts over
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        show = len(batches) > 1  # shown in logs too, as the other stages do
+        with torch.inference_mode(), add_hooks(hooks):
+            for batch in tqdm(batches, desc="capturing activations", unit="batch", disable=not show):
+                enc = encode_chat(tokenizer, [texts[i] for i in batch], max_length, device=device)
+                current["mask"] = enc["attention_mask"]
+                body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                     position_ids=position_ids(enc["attention_mask"]), use_cache=False)
+
+    with_batch_backoff(capture, batch_size, "capturing activations")
 
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))

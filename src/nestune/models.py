@@ -412,3 +412,41 @@ def input_device(model) -> torch.device:
     if device.type == "meta":
         device = torch.device(getattr(getattr(embedding, "_hf_hook", None), "execution_device", None) or "cpu")
     return device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Out of memory: smaller batches
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """accelerate's test for an out-of-memory error (CUDA, XPU, MPS or the CPU allocator)."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return should_reduce_batch_size(error)
+
+
+def with_batch_backoff(function, batch_size: int, what: str):
+    """function(batch_size), retried with half the batch after each out-of-memory error, down to 1.
+
+    accelerate's find_executable_batch_size does the retrying; this halves instead of shrinking by 10%,
+    says what it does, and turns the final failure into a message with a fix.
+    """
+    from accelerate.utils import find_executable_batch_size
+
+    size = max(1, batch_size)
+
+    def halve() -> int:
+        nonlocal size
+        size //= 2
+        if size:
+            print(f"{what}: out of memory at batch size {size * 2}; retrying with {size}", flush=True)
+        return size
+
+    try:
+        return find_executable_batch_size(function, starting_batch_size=size, reduce_batch_size_fn=halve)()
+    except RuntimeError as e:
+        if "No executable batch size found" not in str(e):
+            raise
+        raise NestuneError(f"{what}: out of memory even with batch size 1",
+                           "spread the model over devices (--device-map auto --max-memory ...), load it in "
+                           "bf16 (--dtype bf16), or lower the prompt length (max_length)") from None

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import NestuneError
-from ..models import chat_prompts, input_device
+from ..models import chat_prompts, input_device, is_out_of_memory
 
 DEFAULT_MAX_LENGTH = 2048  # prompt tokens; the longest default template (AIM) is ~450 tokens
 
@@ -83,12 +83,32 @@ class HFGenerator(Generator):
         with tqdm(total=len(rendered), desc="generate", unit="prompt", disable=not self.show_progress,
                   leave=False) as bar:
             for batch in length_sorted_batches(lengths, self.batch_size):
-                texts = self._generate_batch([rendered[i] for i in batch], [prefixes[i] for i in batch],
-                                             max_new_tokens)
+                texts = self._generate_or_split([rendered[i] for i in batch], [prefixes[i] for i in batch],
+                                                max_new_tokens)
                 for i, text in zip(batch, texts):
                     out[i] = text
                 bar.update(len(batch))
         return out
+
+    def _generate_or_split(self, rendered: list[str], prefixes: list[str], max_new_tokens: int) -> list[str]:
+        """One batch; on out-of-memory, its two halves one after the other (and smaller batches from then on)."""
+        try:
+            return self._generate_batch(rendered, prefixes, max_new_tokens)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            if len(rendered) == 1:
+                raise NestuneError("generation ran out of memory with one prompt per batch",
+                                   "spread the model over devices (--device-map auto), load it in bf16, or "
+                                   "lower eval.max_length or eval.max_new_tokens") from None
+        from accelerate.utils.memory import clear_device_cache
+
+        clear_device_cache(garbage_collection=True)
+        half = len(rendered) // 2
+        self.batch_size = max(1, min(self.batch_size, half))
+        print(f"generate: out of memory at batch size {len(rendered)}; retrying with {half}", flush=True)
+        return (self._generate_or_split(rendered[:half], prefixes[:half], max_new_tokens)
+                + self._generate_or_split(rendered[half:], prefixes[half:], max_new_tokens))
 
     @torch.no_grad()
     def _generate_batch(self, rendered: list[str], prefixes: list[str], max_new_tokens: int) -> list[str]:
