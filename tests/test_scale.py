@@ -58,8 +58,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(run: RunFolder, model_dir: str, method: str) -> subprocess.CompletedProcess:
-    settings = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+def launch_two_processes(run: RunFolder, model_dir: str, method: str, **extra) -> subprocess.CompletedProcess:
+    settings = [arg for key, value in {**SETTINGS, **extra}.items() for arg in ("--set", f"{key}={value}")]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -94,6 +94,44 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_folder, meth
     assert any(v.abs().max() > 0 for k, v in found.items() if "delta" in k or "lora_B" in k), "nothing trained"
     assert (two.path / "train" / "DONE.json").exists()
     assert not list(two.path.rglob(".*.tmp")), "a half-written file was left behind"
+
+
+def test_sharded_full_finetuning_trains_what_one_process_trains(tmp_path, tiny_folder):
+    one, two = make_run(tmp_path / "one", tiny_folder), make_run(tmp_path / "two", tiny_folder)
+    cfg = load_config(overrides={"model": tiny_folder, "out": str(one.path), "device": "cpu",
+                                 "train.method": "full", **SETTINGS}, environ={})
+    single = run_train(cfg, one)
+
+    result = launch_two_processes(two, tiny_folder, "full", **{"train.fsdp": "true"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "sharded over 2 processes (FSDP)" in result.stdout and result.stdout.count("trained") == 1
+
+    summary = json.loads((two.path / "train" / "summary.json").read_text())
+    assert summary["trainable_params"] == single["trainable_params"]
+    assert summary["params_per_process"] <= 0.55 * summary["trainable_params"]  # each process holds half
+    assert summary["losses"] == pytest.approx(single["losses"], abs=1e-4)
+    base = load_model(tiny_folder, "cpu").model.state_dict()
+    expected = load_file(one.path / "train" / "merged" / "model.safetensors")
+    found = load_file(two.path / "train" / "merged" / "model.safetensors")
+    assert expected.keys() == found.keys()
+    for key in expected:  # the change each weight got, sharded vs one process
+        assert torch.allclose(found[key] - base[key], expected[key] - base[key], atol=2e-6), key
+    assert any((found[k] - base[k]).abs().max() > 1e-5 for k in found), "nothing trained"
+
+
+@pytest.mark.parametrize("method, processes, message", [("full", 1, "this is one process"),
+                                                         ("nest", 2, "full fine-tuning only")])
+def test_fsdp_setting_is_refused_where_it_cannot_apply(tmp_path, tiny_folder, monkeypatch, method, processes,
+                                                       message):
+    import nestune.train as train
+
+    monkeypatch.setattr(train, "launched_accelerator",
+                        lambda cpu=False: types.SimpleNamespace(num_processes=processes) if processes > 1 else None)
+    run = make_run(tmp_path / "r", tiny_folder)
+    cfg = load_config(overrides={"model": tiny_folder, "out": str(run.path), "device": "cpu",
+                                 "train.method": method, "train.fsdp": "true"}, environ={})
+    with pytest.raises(NestuneError, match=message):
+        run_train(cfg, run)
 
 
 def test_other_stages_refuse_to_run_in_several_processes(tmp_path, tiny_folder, monkeypatch, capsys):

@@ -29,7 +29,7 @@ from torch import nn
 from .config import Config
 from .errors import NestuneError
 from .io import read_json, write_json
-from .models import ARCHITECTURES, LoadedModel, chat_prompts, ffn_targets, model_type
+from .models import ARCHITECTURES, LoadedModel, chat_prompts, ffn_targets, get_module, model_type
 from .runfolder import RunFolder
 from .train import (
     Example,
@@ -86,6 +86,10 @@ def train_full(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolde
                accelerator=None) -> tuple[dict, dict]:
     model, folder = loaded.model, run.stage("train")
     examples = tokenize_examples(loaded.tokenizer, rows, cfg.train.max_length)
+    trainable = sum(p.numel() for p in dict(model.named_parameters()).values())
+    sharded = cfg.train.fsdp
+    if sharded:  # (train.check_can_shard has vetted the setting)
+        shard_model(model)
     params = dict(model.named_parameters())  # tied weights appear once, as the optimizer sees them
     for p in params.values():
         p.requires_grad_(True)
@@ -96,21 +100,38 @@ def train_full(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolde
 
         def reference():
             return original_weights(params, originals)
-    trainable = sum(p.numel() for p in params.values())
     if is_main(accelerator):
-        print(f"training full: {trainable:,} trainable parameters (all of them)", flush=True)
+        where = (f", sharded over {accelerator.num_processes} processes (FSDP)" if sharded else "")
+        print(f"training full: {trainable:,} trainable parameters (all of them){where}", flush=True)
     stats = train_loop(model, params, examples, cfg, folder,
                        loss_fn=lambda m, b: response_loss(m, b, cfg, reference=reference),
                        pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator)
     for p in params.values():
         p.requires_grad_(False)
+    full_state = None
+    if sharded:  # every process takes part in gathering the weights; the main one saves them
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        stats["params_per_process"] = sum(p.to_local().numel() for p in params.values())
+        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main(accelerator):
         return {"trainable_params": trainable}, stats
-    save_merged(loaded, cfg, folder, "full", trainable)
+    save_merged(loaded, cfg, folder, "full", trainable, state_dict=full_state)
     # The resume checkpoint holds the whole model plus two optimizer moments; the merged model replaces it.
     for name in ("checkpoint.json", "checkpoint.safetensors"):
         (folder / name).unlink(missing_ok=True)
     return {"trainable_params": trainable}, stats
+
+
+def shard_model(model: nn.Module) -> None:
+    """FSDP2 (torch's fully_shard): each decoder layer's weights, gradients and optimizer state are split over
+    the processes and gathered only while the layer computes; the root module holds the rest (embeddings,
+    final norm, LM head, tied weights included). Works with nccl on GPUs and gloo on CPU."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in get_module(model, ARCHITECTURES[model_type(model)][0]):  # the decoder layers
+        fully_shard(layer)
+    fully_shard(model)
 
 
 @contextmanager
@@ -312,11 +333,12 @@ def save_peft(peft_model, loaded: LoadedModel, cfg: Config, folder, method: str,
     save_merged(loaded, cfg, folder, method, trainable)
 
 
-def save_merged(loaded: LoadedModel, cfg: Config, folder, method: str, trainable: int) -> None:
+def save_merged(loaded: LoadedModel, cfg: Config, folder, method: str, trainable: int,
+                state_dict: dict | None = None) -> None:
     from .fold import save_checkpoint_folder
 
     card = (f"---\nbase_model: {cfg.model}\ntags: [nestune, safety, {method}]\n---\n"
             f"# {cfg.model} hardened with the {method} baseline\n\n"
             f"Trained by nestune as a baseline for NeST: {trainable:,} trainable parameters, lr {cfg.train.lr}. "
             "The weights are merged; the checkpoint loads with `AutoModelForCausalLM.from_pretrained`.\n")
-    save_checkpoint_folder(loaded, folder / "merged", card)
+    save_checkpoint_folder(loaded, folder / "merged", card, state_dict=state_dict)

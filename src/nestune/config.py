@@ -60,6 +60,7 @@ class TrainConfig:
     answer_tokens: int = 48  # length of the cached original answers and of refusal targets
     max_length: int = 256
     bf16: bool = False  # autocast in bf16 (GPU)
+    fsdp: bool = False  # full fine-tuning under `accelerate launch`: shard weights and optimizer state (FSDP2)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05

@@ -18,7 +18,9 @@ from .models import LoadedModel, load_model
 from .runfolder import RunFolder
 
 
-def save_checkpoint_folder(loaded: LoadedModel, out: Path, card: str) -> None:
+def save_checkpoint_folder(loaded: LoadedModel, out: Path, card: str, state_dict: dict | None = None) -> None:
+    """The model as a Hugging Face folder (safetensors), written atomically; `state_dict` replaces its weights
+    (the gathered weights of a sharded model)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -27,7 +29,7 @@ def save_checkpoint_folder(loaded: LoadedModel, out: Path, card: str) -> None:
     model.hf_quantizer = None  # a GGUF-loaded model keeps a quantizer that cannot be serialised
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     loaded.tokenizer.save_pretrained(tmp)
     (tmp / "README.md").write_text(card)
     if out.exists():

@@ -249,6 +249,19 @@ def launched_accelerator(cpu: bool = False):
     return accelerator
 
 
+def check_can_shard(cfg: Config, accelerator) -> None:
+    if cfg.train.method != "full":
+        raise NestuneError(f"train.fsdp shards full fine-tuning only, not '{cfg.train.method}'",
+                           "drop --set train.fsdp=true: the other methods train few parameters, plain data "
+                           "parallelism suits them")
+    if accelerator is None or accelerator.num_processes < 2:
+        raise NestuneError("train.fsdp shards the model over several processes, but this is one process",
+                           "launch it with `accelerate launch --num_processes N -m nestune train ...`")
+    if cfg.train.benign_loss == "kl":
+        raise NestuneError("train.fsdp does not combine with train.benign_loss=kl (its reference weights would "
+                           "need a second sharded copy)", "use train.benign_loss=answer with train.fsdp")
+
+
 def is_main(accelerator) -> bool:
     return accelerator is None or accelerator.is_main_process
 
@@ -283,9 +296,13 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     steps_per_epoch = math.ceil(len(examples) / (t.batch_size * t.grad_accum))
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
-    position = load_checkpoint(folder, params, optimizer) or {"epoch": 0, "step": 0, "losses": []}
+    # Sharded parameters (FSDP, full fine-tuning) average their own gradients; they are not checkpointed
+    # mid-training (each process holds only its shard), so a killed sharded run starts its training again.
+    sharded = any(type(p).__name__ == "DTensor" for p in params.values())
+    fresh = {"epoch": 0, "step": 0, "losses": []}
+    position = fresh if sharded else load_checkpoint(folder, params, optimizer) or fresh
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    if world > 1:
+    if world > 1 and not sharded:
         import torch.distributed as dist
 
         for p in params.values():  # every process starts from the main process's weights (e.g. LoRA's random A)
@@ -322,14 +339,14 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
                     loss.backward()
                 loss_sum += loss.item()
             if world > 1:
-                loss_sum = average_gradients(params, loss_sum, world)
+                loss_sum = average_loss(loss_sum, world) if sharded else average_gradients(params, loss_sum, world)
             optimizer.step()
             step += 1
             position["losses"].append(round(loss_sum, 5))
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", epoch=epoch + 1)
         position.update(epoch=epoch + 1, step=step)
-        if accelerator is None or accelerator.is_main_process:
+        if is_main(accelerator) and not sharded:
             save_checkpoint(folder, {k: p.detach() for k, p in params.items()}, optimizer, position)
     bar.close()
     model.eval()
@@ -348,7 +365,15 @@ def average_gradients(params: dict[str, torch.nn.Parameter], loss: float, world:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad /= world
-    total = torch.tensor([loss], dtype=torch.float64, device=next(iter(params.values())).device)
+    return average_loss(loss, world)
+
+
+def average_loss(loss: float, world: int) -> float:
+    """The batch's loss averaged over the processes (for the log and the summary)."""
+    import torch.distributed as dist
+
+    total = torch.tensor([loss], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")  # nccl reduces GPU tensors
     dist.all_reduce(total)
     return total.item() / world
 
@@ -445,6 +470,8 @@ def load_for_training(cfg: Config, run: RunFolder, loaded: LoadedModel | None, a
 
 def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelerator) -> dict:
     method = cfg.train.method
+    if cfg.train.fsdp:
+        check_can_shard(cfg, accelerator)
     if method not in ("nest", "neurons", "random"):
         from .baselines import run_baseline_train
 
