@@ -554,7 +554,8 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     [[name, _s(v["wall_s"]), f"{v['tokens_per_s']:,.0f}"] for name, v in c["variants"].items()]))
     if "generate" in results:
         g = results["generate"]
-        title = (f"Evaluation generation: {g['prompts']} prompts, up to {g['max_new_tokens']} new tokens, greedy; "
+        title = (f"Evaluation generation ({g.get('model', results['model'])}): {g['prompts']} prompts, up to "
+                 f"{g['max_new_tokens']} new tokens, greedy; "
                  f"early stop by {g['judge']} ended {g['rows_stopped_by_judge']} rows")
         out.append((title, ["variant", "wall s (min / median / max)", "new tokens", "token slots computed",
                             "new tokens/s"],
@@ -663,6 +664,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
     p.add_argument("--sections", default="train,capture,generate", help=f"comma list of {', '.join(SECTIONS)}")
     p.add_argument("--run", help="a finished run folder, for the e2e section")
+    p.add_argument("--generate-model", metavar="M",
+                   help="time generation with this model instead (e.g. a hardened RUN/fold/model)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per prompt")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -707,8 +710,16 @@ def run_benchmarks(args, argv: list[str]) -> dict:
     if "capture" in args.sections:
         results["capture"] = bench_capture(model, tokenizer, prompts["capture"], args.repeats, device)
     if "generate" in args.sections:
-        results["generate"] = bench_generate(model, tokenizer, prompts["generate"], args.repeats,
+        gen_model, gen_tokenizer = model, tokenizer
+        if args.generate_model:  # e.g. a hardened RUN/fold/model, whose refusals end early as in evaluation
+            from nestune.models import load_model
+
+            gen = load_model(args.generate_model, device.type, args.dtype)
+            gen_model, gen_tokenizer = gen.model, gen.tokenizer
+        results["generate"] = bench_generate(gen_model, gen_tokenizer, prompts["generate"], args.repeats,
                                              args.max_new_tokens, device)
+        results["generate"]["model"] = args.generate_model or name
+        del gen_model
     if "train" in args.sections:
         results["train"] = bench_train(model, tokenizer, prompts, args.repeats, device, args.seed)
     if "e2e" in args.sections:

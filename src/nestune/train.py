@@ -240,6 +240,10 @@ def launched_accelerator(cpu: bool = False):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         return None
+    # Imported before the process group exists: torch's ShardedGradScaler takes `dist.group.WORLD` as a default
+    # argument, so importing FSDP (transformers does) once the group exists pins it. Its gloo threads then outlive
+    # destroy_process_group, and one that frees the last collective while Python shuts down aborts the process.
+    import torch.distributed.fsdp  # noqa: F401
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=cpu)
@@ -446,7 +450,7 @@ def run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) ->
     summary = _run_train(cfg, run, loaded, accelerator)
     if accelerator is not None:  # (a process that fails instead makes the launcher stop the others)
         accelerator.wait_for_everyone()  # no process leaves the group while the main one still writes
-        accelerator.end_training()
+        accelerator.end_training()  # destroys the group, so its threads stop before Python shuts down
     return summary
 
 
