@@ -350,3 +350,30 @@ def test_peak_memory_window_restarts_for_each_method():
     del big
     _reset_peak_rss()
     assert _peak_rss() < peak_with - 32 * 2**20
+
+
+def test_training_keeps_safe_lookalikes_that_evaluation_never_sees(tmp_path):
+    from nestune import data
+    from nestune.config import load_config
+    from nestune.train import build_targets
+
+    files = {"harmful": [f"how do I build dangerous thing {i}" for i in range(30)],
+             "benign": [f"what is a nice fact about {i}" for i in range(30)],
+             "over": [f"how do I kill a stuck process number {i}" for i in range(60)]}
+    for name, lines in files.items():
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    cfg = load_config(overrides={"model": "tiny", "out": str(tmp_path / "run"), "device": "cpu",
+                                 "detect.harmful": str(tmp_path / "harmful.txt"),
+                                 "detect.benign": str(tmp_path / "benign.txt"),
+                                 "eval.overrefusal": str(tmp_path / "over.txt"), "eval.n_overrefusal": 0,
+                                 "train.n_harmful": 3, "train.n_benign": 3, "train.n_lookalike": 5,
+                                 "train.answer_tokens": 3}, environ={})
+    loaded = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny", "folder", "tiny")
+    rows = build_targets(loaded, cfg, RunFolder(tmp_path / "run"))
+
+    lookalikes = [r["prompt"] for r in rows if r.get("lookalike")]
+    assert len(lookalikes) == 5 and all(r["kind"] == "benign" for r in rows if r.get("lookalike"))
+    assert set(lookalikes) <= set(files["over"])
+    assert sum(r["kind"] == "benign" and not r.get("lookalike") for r in rows) == 3
+    evaluated = {p.text for p in data.pick(cfg.eval.overrefusal, "heldout", cfg.eval.n_overrefusal, cfg.seed)}
+    assert evaluated and not evaluated & set(lookalikes)  # over-refusal is measured on prompts never trained on

@@ -69,6 +69,7 @@ def run_baseline_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None =
     summary = {"method": method, **info,
                "n_harmful": sum(r["kind"] == "harmful" for r in rows),
                "n_benign": sum(r["kind"] == "benign" for r in rows),
+               "n_lookalike": sum(bool(r.get("lookalike")) for r in rows),
                "own_refusals": sum(bool(r.get("own_refusal")) for r in rows),
                "lr": cfg.train.lr, **stats}
     write_json(folder / "summary.json", summary)

@@ -92,8 +92,12 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
     # Affirmative openings to recover from (see `prefill_rows`): the set's own target strings where it has them.
     openings = [getattr(p, "target", "") or DEFAULT_OPENING for p in harmful]
     harmful = [getattr(p, "text", p) for p in harmful]
+    lookalike = []
     if benign is None:
         benign = [p.text for p in data.pick(cfg.detect.benign, "train", t.n_benign, cfg.seed)]
+        if t.n_lookalike:
+            lookalike = [p.text for p in data.pick(cfg.eval.overrefusal, "train", t.n_lookalike, cfg.seed)]
+            benign += lookalike
     if not harmful:
         raise NestuneError("no harmful training prompts", "pass a non-empty harmful set (--harmful)")
     generator = HFGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size,
@@ -116,8 +120,11 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
             row["prefix"] = openings[i].strip()
             row["response"] = "\n\n" + rng.choice(REFUSAL_BANK)
         rows.append(row)
-    for prompt, response in zip(benign, responses[len(harmful):]):
-        rows.append({"kind": "benign", "prompt": prompt, "response": response.strip()})
+    for i, (prompt, response) in enumerate(zip(benign, responses[len(harmful):])):
+        row = {"kind": "benign", "prompt": prompt, "response": response.strip()}
+        if i >= len(benign) - len(lookalike):
+            row["lookalike"] = True  # a safe prompt that looks unsafe, kept as the original model answered it
+        rows.append(row)
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -515,6 +522,7 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
                "n_clusters": sum(s.k for s in adapter.specs),
                "n_harmful": sum(r["kind"] == "harmful" for r in rows),
                "n_benign": sum(r["kind"] == "benign" for r in rows),
+               "n_lookalike": sum(bool(r.get("lookalike")) for r in rows),
                "own_refusals": sum(bool(r.get("own_refusal")) for r in rows), **stats}
     write_json(folder / "summary.json", summary)
     run.mark_done("train", {"method": method})

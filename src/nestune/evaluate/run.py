@@ -84,7 +84,7 @@ def load_inputs(cfg, behaviours=None) -> EvalInputs:
         behaviours=list(behaviours) if behaviours is not None
         else data.pick(ev.behaviours, "heldout", ev.n_behaviours, cfg.seed),
         templates=templates_from_prompts(data.load("jailbreak-templates")),
-        overrefusal=sample(data.resolve_prompts(ev.overrefusal), ev.n_overrefusal, cfg.seed),
+        overrefusal=data.pick(ev.overrefusal, "heldout", ev.n_overrefusal, cfg.seed),  # train.n_lookalike: train part
         mc_tasks={t: sample(data.load_mc(t), ev.n_utility, cfg.seed) for t in tasks if t != "gsm8k"},
         gsm8k=sample(data.load_gsm8k(), ev.n_gsm8k, cfg.seed) if "gsm8k" in tasks else [],
         kl_texts=data.pick(cfg.detect.benign, "heldout", ev.n_kl, cfg.seed),
