@@ -70,14 +70,15 @@ if os.environ.get("CHECK_THREADS") and any(name.startswith(("pt_gloo", "gloo")) 
 """
 
 
-def launch_two_processes(run: RunFolder, model_dir: str, method: str, **extra) -> subprocess.CompletedProcess:
+def launch_two_processes(run: RunFolder, model_dir: str, method: str, launcher_flag: str = "--multi_gpu",
+                         **extra) -> subprocess.CompletedProcess:
     settings = [arg for key, value in {**SETTINGS, **extra}.items() for arg in ("--set", f"{key}={value}")]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    if extra.get("train.fsdp") != "true":  # FSDP leaves the group referenced from torch's DTensor caches
+    if extra.get("train.fsdp") != "true" and launcher_flag != "--use_fsdp":  # FSDP leaves the group referenced from torch's DTensor caches
         env["CHECK_THREADS"] = "1"
     script = run.path / "train_then_check_threads.py"
     script.write_text(TRAIN_THEN_CHECK_THREADS)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", launcher_flag, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()),
                str(script), "train", "--run", str(run.path), "--model", model_dir, "--device", "cpu",
@@ -112,13 +113,16 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_folder, meth
     assert not list(two.path.rglob(".*.tmp")), "a half-written file was left behind"
 
 
-def test_sharded_full_finetuning_trains_what_one_process_trains(tmp_path, tiny_folder):
+# Sharding is asked for with the setting, or with accelerate's own FSDP switch (what `distributed_type: FSDP` in an
+# accelerate config file sets).
+@pytest.mark.parametrize("asked_by", [{"train.fsdp": "true"}, {"launcher_flag": "--use_fsdp"}])
+def test_sharded_full_finetuning_trains_what_one_process_trains(tmp_path, tiny_folder, asked_by):
     one, two = make_run(tmp_path / "one", tiny_folder), make_run(tmp_path / "two", tiny_folder)
     cfg = load_config(overrides={"model": tiny_folder, "out": str(one.path), "device": "cpu",
                                  "train.method": "full", **SETTINGS}, environ={})
     single = run_train(cfg, one)
 
-    result = launch_two_processes(two, tiny_folder, "full", **{"train.fsdp": "true"})
+    result = launch_two_processes(two, tiny_folder, "full", **asked_by)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "sharded over 2 processes (FSDP)" in result.stdout and result.stdout.count("trained") == 1
 
@@ -133,6 +137,14 @@ def test_sharded_full_finetuning_trains_what_one_process_trains(tmp_path, tiny_f
     for key in expected:  # the change each weight got, sharded vs one process
         assert torch.allclose(found[key] - base[key], expected[key] - base[key], atol=2e-6), key
     assert any((found[k] - base[k]).abs().max() > 1e-5 for k in found), "nothing trained"
+
+
+def test_accelerate_fsdp_config_leaves_the_small_methods_data_parallel(tmp_path, tiny_folder):
+    run = make_run(tmp_path / "run", tiny_folder)
+    result = launch_two_processes(run, tiny_folder, "nest", launcher_flag="--use_fsdp")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("applies to full fine-tuning only: 'nest' trains data parallel") == 1
+    assert json.loads((run.path / "train" / "summary.json").read_text())["processes"] == 2
 
 
 @pytest.mark.parametrize("method, processes, message", [("full", 1, "this is one process"),

@@ -253,11 +253,34 @@ def launched_accelerator(cpu: bool = False):
     import torch.distributed.fsdp  # noqa: F401
     from accelerate import Accelerator
 
+    # An accelerate FSDP config (`distributed_type: FSDP`, or `--use_fsdp`) asks for sharding. nestune shards
+    # the model itself (baselines.shard_model), so accelerate is not told: its FSDP mode would build a plugin
+    # nestune does not use, and it refuses CPU processes.
+    if os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        os.environ[LAUNCHER_FSDP] = "1"
     accelerator = Accelerator(cpu=cpu)
     if accelerator.num_processes != world:
         raise NestuneError(f"{world} processes were launched, but accelerate joined {accelerator.num_processes}",
                            "launch with `accelerate launch --num_processes N -m nestune train ...`")
     return accelerator
+
+
+LAUNCHER_FSDP = "NESTUNE_LAUNCHER_FSDP"  # set by launched_accelerator when accelerate's config asks for FSDP
+
+
+def with_launcher_fsdp(cfg: Config, accelerator) -> Config:
+    """Full fine-tuning shards (train.fsdp) when the accelerate config asks for FSDP; the other methods train
+    few parameters and stay data parallel, which the main process says once."""
+    if accelerator is None or cfg.train.fsdp or not os.environ.get(LAUNCHER_FSDP):
+        return cfg
+    if cfg.train.method == "full":
+        cfg = copy.deepcopy(cfg)
+        cfg.train.fsdp = True
+        return cfg
+    if is_main(accelerator):
+        print(f"the accelerate config asks for FSDP, which nestune applies to full fine-tuning only: "
+              f"'{cfg.train.method}' trains data parallel", flush=True)
+    return cfg
 
 
 def check_can_shard(cfg: Config, accelerator) -> None:
@@ -481,6 +504,7 @@ def load_for_training(cfg: Config, run: RunFolder, loaded: LoadedModel | None, a
 
 def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelerator) -> dict:
     method = cfg.train.method
+    cfg = with_launcher_fsdp(cfg, accelerator)
     if cfg.train.fsdp:
         check_can_shard(cfg, accelerator)
     if method not in ("nest", "neurons", "random"):
