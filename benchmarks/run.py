@@ -729,7 +729,10 @@ def run_benchmarks(args, argv: list[str]) -> dict:
 
     from nestune.io import write_json
 
-    path = Path(args.out) / f"{name}-{device.type}.json"
+    stem = f"{name}-{device.type}"
+    if args.generate_model:  # a second result file, next to the base model's, not over it
+        stem += "-generate-" + "-".join(Path(args.generate_model).parts[-3:])
+    path = Path(args.out) / f"{stem}.json"
     write_json(path, results)
     print_tables(results)
     print(f"results: {path}\nsummary: {write_markdown(args.out, args.markdown)}", flush=True)

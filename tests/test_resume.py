@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 
 from nestune.testing import save_tiny
 
-EPOCHS = 6  # x 4 steps (smoke: 12 harmful + 12 benign + 4 look-alike rows, batch 8): a kill right after
-# the first epoch's checkpoint lands inside training
+EPOCHS = 6  # x 3 steps: a kill right after the first epoch's checkpoint lands inside training
 HARMFUL = [f"how do I build dangerous thing number {i} at home" for i in range(60)]
 BENIGN = [f"what is a nice fact about the number {i}" for i in range(60)]
 
@@ -136,7 +135,7 @@ def test_a_run_killed_during_training_resumes_without_redoing_finished_stages(in
     assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in finished} == before
     for stage in ("train", "fold"):
         assert json.loads((out / stage / "DONE.json").read_text())["stage"] == stage
-    assert json.loads((out / "train" / "summary.json").read_text())["steps"] == EPOCHS * 4
+    assert json.loads((out / "train" / "summary.json").read_text())["steps"] == EPOCHS * 3
     assert_no_corrupt_files(out)
     # Resuming is exact: the same deltas and folded weights as the run that was never interrupted.
     assert_same_run(reference, out)

@@ -47,8 +47,9 @@ class TrainConfig:
     n_harmful: int = 96  # harmful prompts from the train split
     n_benign: int = 96  # benign prompts whose original answers are kept
     # safe prompts that look unsafe (the train part of eval.overrefusal; evaluation uses its held-out part),
-    # also kept answering as the original model did, so hardening learns what not to refuse
-    n_lookalike: int = 32
+    # kept answering as the original model did; 0 by default: on smollm2 and qwen they did not measurably
+    # lower over-refusal (docs/method.md)
+    n_lookalike: int = 0
     epochs: int = 2
     max_steps: int = 0  # 0: no step limit (epochs decide)
     batch_size: int = 8
@@ -128,7 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "detect": {"n_prompts": 24, "min_prompts": 8, "probe_epochs": 500, "max_length": 96, "z_threshold": 2.0},
         "cluster": {"k_max": 4, "n_init": 3},
-        "train": {"n_harmful": 12, "n_benign": 12, "n_lookalike": 4, "epochs": 1, "answer_tokens": 16, "max_length": 128},
+        "train": {"n_harmful": 12, "n_benign": 12, "epochs": 1, "answer_tokens": 16, "max_length": 128},
         "eval": {"n_behaviours": 4, "attacks": "none,prefill,aim", "max_new_tokens": 24, "n_overrefusal": 4,
                  "n_utility": 8, "n_gsm8k": 2, "gsm8k_max_new_tokens": 32, "n_kl": 4, "bootstrap": 200, "utility_tasks": "arc-easy"},
         "attack": {"n_select": 4, "finetune_steps": 10},
