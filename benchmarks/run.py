@@ -710,16 +710,14 @@ def run_benchmarks(args, argv: list[str]) -> dict:
     if "capture" in args.sections:
         results["capture"] = bench_capture(model, tokenizer, prompts["capture"], args.repeats, device)
     if "generate" in args.sections:
-        gen_model, gen_tokenizer = model, tokenizer
-        if args.generate_model:  # e.g. a hardened RUN/fold/model, whose refusals end early as in evaluation
-            from nestune.models import load_model
+        from nestune.models import load_model
 
-            gen = load_model(args.generate_model, device.type, args.dtype)
-            gen_model, gen_tokenizer = gen.model, gen.tokenizer
-        results["generate"] = bench_generate(gen_model, gen_tokenizer, prompts["generate"], args.repeats,
-                                             args.max_new_tokens, device)
+        # e.g. a hardened RUN/fold/model, whose refusals end early as in evaluation
+        gen = load_model(args.generate_model, device.type, args.dtype) if args.generate_model else None
+        results["generate"] = bench_generate(gen.model if gen else model, gen.tokenizer if gen else tokenizer,
+                                             prompts["generate"], args.repeats, args.max_new_tokens, device)
         results["generate"]["model"] = args.generate_model or name
-        del gen_model
+        del gen  # the sections after use the benchmarked model
     if "train" in args.sections:
         results["train"] = bench_train(model, tokenizer, prompts, args.repeats, device, args.seed)
     if "e2e" in args.sections:

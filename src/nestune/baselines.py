@@ -36,6 +36,7 @@ from .train import (
     is_main,
     load_for_training,
     response_loss,
+    row_counts,
     tokenize_examples,
     train_loop,
     with_method_lr,
@@ -67,11 +68,7 @@ def run_baseline_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None =
     if not is_main(accelerator):
         return {"method": method, **info, **stats}  # the main process writes the results
     summary = {"method": method, **info,
-               "n_harmful": sum(r["kind"] == "harmful" for r in rows),
-               "n_benign": sum(r["kind"] == "benign" for r in rows),
-               "n_lookalike": sum(bool(r.get("lookalike")) for r in rows),
-               "own_refusals": sum(bool(r.get("own_refusal")) for r in rows),
-               "lr": cfg.train.lr, **stats}
+               **row_counts(rows), "lr": cfg.train.lr, **stats}
     write_json(folder / "summary.json", summary)
     run.mark_done("train", {"method": method})
     print(f"trained {method}: {summary['trainable_params']:,} trainable parameters, {stats['steps']} steps in "

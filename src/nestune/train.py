@@ -97,14 +97,13 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
         benign = [p.text for p in data.pick(cfg.detect.benign, "train", t.n_benign, cfg.seed)]
         if t.n_lookalike:
             lookalike = [p.text for p in data.pick(cfg.eval.overrefusal, "train", t.n_lookalike, cfg.seed)]
-            benign += lookalike
     if not harmful:
         raise NestuneError("no harmful training prompts", "pass a non-empty harmful set (--harmful)")
     generator = HFGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size,
                             max_length=t.max_length)
-    print(f"generating the original model's answers to {len(harmful)} harmful and {len(benign)} benign "
+    print(f"generating the original model's answers to {len(harmful)} harmful and {len(benign) + len(lookalike)} benign "
           f"training prompts ({t.answer_tokens} tokens each)", flush=True)
-    responses = generator.generate(harmful + benign, None, t.answer_tokens)
+    responses = generator.generate(harmful + benign + lookalike, None, t.answer_tokens)
     refused = RefusalJudge().judge(harmful, responses[: len(harmful)])
     rng = random.Random(cfg.seed)
     rows = []
@@ -120,13 +119,21 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
             row["prefix"] = openings[i].strip()
             row["response"] = "\n\n" + rng.choice(REFUSAL_BANK)
         rows.append(row)
-    for i, (prompt, response) in enumerate(zip(benign, responses[len(harmful):])):
+    for i, (prompt, response) in enumerate(zip(benign + lookalike, responses[len(harmful):])):
         row = {"kind": "benign", "prompt": prompt, "response": response.strip()}
-        if i >= len(benign) - len(lookalike):
+        if i >= len(benign):
             row["lookalike"] = True  # a safe prompt that looks unsafe, kept as the original model answered it
         rows.append(row)
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def row_counts(rows: list[dict]) -> dict:
+    """What the training rows hold, for every method's summary.json."""
+    return {"n_harmful": sum(r["kind"] == "harmful" for r in rows),
+            "n_benign": sum(r["kind"] == "benign" for r in rows),
+            "n_lookalike": sum(bool(r.get("lookalike")) for r in rows),
+            "own_refusals": sum(bool(r.get("own_refusal")) for r in rows)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -544,10 +551,7 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
                "effective_lr": {"min": effective[0], "median": effective[len(effective) // 2], "max": effective[-1]},
                "n_neurons": sum(len(s.rows) for s in adapter.specs),
                "n_clusters": sum(s.k for s in adapter.specs),
-               "n_harmful": sum(r["kind"] == "harmful" for r in rows),
-               "n_benign": sum(r["kind"] == "benign" for r in rows),
-               "n_lookalike": sum(bool(r.get("lookalike")) for r in rows),
-               "own_refusals": sum(bool(r.get("own_refusal")) for r in rows), **stats}
+               **row_counts(rows), **stats}
     write_json(folder / "summary.json", summary)
     run.mark_done("train", {"method": method})
     print(f"trained {stats['steps']} steps in {stats['wall_s']:.0f}s, final loss {stats['final_loss']}", flush=True)
