@@ -18,11 +18,12 @@ Sections (each figure is printed next to its target from the issue):
    Figures: step time, peak memory of a step, trainable parameters, optimizer-state bytes.
 2. capture: tokens/s of detect.capture_pooled (hooks, no LM head) vs a plain forward with logits,
    model(**batch), over the same length-sorted batches of 32 prompts.
-3. generate: new tokens/s of the evaluation generator (HFGenerator: batch 16, length-sorted, stopping a row
-   once the refusal judge has decided, as the evaluation uses it) vs plain model.generate with batch 8 in
-   input order, on 32 held-out harmful prompts (plain and in two short jailbreak templates), greedy.
-   The generator is also run without early stopping, so the share of the speedup that comes from
-   stopping early is shown apart from the share that comes from batching.
+3. generate: new tokens/s of the evaluation generator (HFGenerator: batch 16, length-sorted, the prompt
+   prefix that a batch shares computed once, stopping a row once the refusal judge has decided, as the
+   evaluation uses it) vs plain model.generate with batch 8 in input order, on N_GENERATE held-out harmful
+   prompts under each of the evaluation's default attacks but prefill (plain and the 8 templates), one call
+   per attack as the evaluation makes them, greedy. The generator is also run without early stopping and
+   without prefix sharing, so the share of the speedup that comes from each is shown apart.
 4. e2e: the stage wall times a finished `nestune run` wrote to RUN/timings.json (nothing is launched).
 
 Timing: each method or variant is warmed up once, then run --repeats times; min/median/max are kept and
@@ -67,8 +68,7 @@ TRAIN_K = 2
 TRAIN_MAX_LENGTH = 96
 N_TRAIN = 4  # harmful and benign examples each: a batch of 8
 N_CAPTURE = 16  # harmful and benign prompts each: 32
-N_GENERATE = 32
-GENERATE_TEMPLATES = ("style_injection", "refusal_suppression")  # short PyRIT templates (92, 328 characters)
+N_GENERATE = 16  # behaviours, each under every wrapper: plain and the evaluation's default templates
 PLAIN_BATCH_SIZE = 8
 
 # Fixed responses, long enough that every example fills about TRAIN_MAX_LENGTH tokens.
@@ -182,9 +182,10 @@ def load(args) -> tuple[torch.nn.Module, object, str, torch.device]:
     return loaded.model, loaded.tokenizer, name, device
 
 
-def prompt_sets(tiny: bool, seed: int) -> dict[str, list[str]]:
-    """The prompts of each section: real data-set prompts from each stage's own split, or the tiny ones."""
-    from nestune.evaluate.attacks import fill_template
+def prompt_sets(tiny: bool, seed: int) -> dict[str, list]:
+    """The prompts of each section: real data-set prompts from each stage's own split, or the tiny ones
+    ("generate": one list per attack)."""
+    from nestune.evaluate.attacks import DEFAULT_TEMPLATES, fill_template
 
     if tiny:
         harmful, benign, train_harmful, train_benign = TINY_HARMFUL, TINY_BENIGN, TINY_HARMFUL, TINY_BENIGN
@@ -202,10 +203,10 @@ def prompt_sets(tiny: bool, seed: int) -> dict[str, list[str]]:
         train_benign = [p.text for p in data.pick(d.benign, "train", N_TRAIN, seed)]
         behaviours = [p.text for p in data.pick(ev.behaviours, "heldout", N_GENERATE, seed)]
         named = templates_from_prompts(data.load("jailbreak-templates"))
-        templates = [named[name] for name in GENERATE_TEMPLATES]
-    # Every third prompt plain, the others wrapped in a template, so batches mix lengths as evaluation does.
+        templates = [named[name] for name in DEFAULT_TEMPLATES]
+    # One group per attack, as the evaluation calls the generator.
     wrappers = ["{{ prompt }}", *templates]
-    generate = [fill_template(wrappers[i % len(wrappers)], b) for i, b in enumerate(behaviours[:N_GENERATE])]
+    generate = [[fill_template(w, b) for b in behaviours[:N_GENERATE]] for w in wrappers]
     return {"train_harmful": train_harmful[:N_TRAIN], "train_benign": train_benign[:N_TRAIN],
             "capture": harmful[:N_CAPTURE] + benign[:N_CAPTURE], "generate": generate}
 
@@ -377,7 +378,7 @@ class TokenCounter:
         self.slots += ids.shape[0]
 
 
-def bench_generate(model, tokenizer, texts: list[str], repeats: int, max_new_tokens: int,
+def bench_generate(model, tokenizer, groups: list[list[str]], repeats: int, max_new_tokens: int,
                    device: torch.device) -> dict:
     from transformers import GenerationConfig
 
@@ -412,31 +413,39 @@ def bench_generate(model, tokenizer, texts: list[str], repeats: int, max_new_tok
     generate_module.greedy_decode = counted_decode  # HFGenerator looks it up in its module at each call
     sorted_batches = HFGenerator(model, tokenizer, batch_size=ev.batch_size, max_length=ev.max_length,
                                  show_progress=False)
-    early_stop = sorted_batches.with_stop(judge.decided)  # as evaluate_model uses it for attacks
+    generators = {
+        "sorted_batch16_unshared": HFGenerator(model, tokenizer, batch_size=ev.batch_size, max_length=ev.max_length,
+                                               show_progress=False, share_prefix=False),
+        "sorted_batch16": sorted_batches,
+        "sorted_batch16_early_stop": sorted_batches.with_stop(judge.decided),  # as evaluate_model uses it
+    }
     outputs = {}
 
-    def run(name, prompts, n_new):
-        if name == "plain_batch8":
-            plain(prompts, n_new)
-        else:
-            generator = sorted_batches if name == "sorted_batch16" else early_stop
-            outputs[name] = generator.generate(prompts, None, n_new)
+    def run(name, groups, n_new):
+        for prompts in groups:  # one call per attack, as the evaluation makes them
+            if name == "plain_batch8":
+                plain(prompts, n_new)
+            else:
+                outputs.setdefault(name, []).extend(generators[name].generate(prompts, None, n_new))
 
-    names = ("plain_batch8", "sorted_batch16", "sorted_batch16_early_stop")
+    names = ("plain_batch8", *generators)
     print("  generate: warm-up", flush=True)
     for name in names:
-        run(name, texts[:2], 4)
+        run(name, [groups[-1][:2]], 4)
     # Each timed run starts the counts at zero; greedy decoding makes every repeat the same.
     produced = {}
 
     def timed_variant(name):
         def fn():
             counter.slots, new_tokens[0] = 0, 0
-            run(name, texts, max_new_tokens)
+            outputs.pop(name, None)
+            run(name, groups, max_new_tokens)
             produced[name] = (new_tokens[0], counter.slots)
         return fn
 
-    print(f"  generate: {len(texts)} prompts x {max_new_tokens} new tokens, {repeats} repeats", flush=True)
+    n_prompts = sum(len(g) for g in groups)
+    print(f"  generate: {len(groups)} attacks x {len(groups[0])} prompts x {max_new_tokens} new tokens, "
+          f"{repeats} repeats", flush=True)
     try:
         times = alternate({name: timed_variant(name) for name in names}, repeats, device)
     finally:
@@ -448,7 +457,7 @@ def bench_generate(model, tokenizer, texts: list[str], repeats: int, max_new_tok
         variants[name] = {"wall_s": times[name], "new_tokens": new, "token_slots": slots,
                           "tokens_per_s": new / times[name]["median"]}
     refused = sum(judge.refused(text) for text in outputs["sorted_batch16_early_stop"])
-    return {"prompts": len(texts), "max_new_tokens": max_new_tokens, "batch_size": ev.batch_size,
+    return {"prompts": n_prompts, "attacks": len(groups), "max_new_tokens": max_new_tokens, "batch_size": ev.batch_size,
             "plain_batch_size": PLAIN_BATCH_SIZE, "judge": judge.name, "rows_stopped_by_judge": refused,
             "variants": variants}
 
@@ -500,7 +509,9 @@ def figures(results: dict) -> list[dict]:
         v = results["generate"]["variants"]
         plain = v["plain_batch8"]
         for name, label, target in (("sorted_batch16_early_stop", "evaluation generator", 3.0),
-                                    ("sorted_batch16", "generator without early stop", None)):
+                                    ("sorted_batch16", "generator without early stop", None),
+                                    ("sorted_batch16_unshared", "generator without early stop or shared prefix",
+                                     None)):
             add(f"generate.{name}.tokens_per_s", f"{label}: new tokens/s / batch-8 generate",
                 v[name]["tokens_per_s"] / plain["tokens_per_s"], target, "higher")
             add(f"generate.{name}.wall", f"{label}: batch-8 generate wall time / its wall time",
@@ -554,8 +565,9 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     [[name, _s(v["wall_s"]), f"{v['tokens_per_s']:,.0f}"] for name, v in c["variants"].items()]))
     if "generate" in results:
         g = results["generate"]
-        title = (f"Evaluation generation ({g.get('model', results['model'])}): {g['prompts']} prompts, up to "
-                 f"{g['max_new_tokens']} new tokens, greedy; "
+        title = (f"Evaluation generation ({g.get('model', results['model'])}): {g['prompts']} prompts"
+                 + (f" ({g['attacks']} attacks, one call each)" if "attacks" in g else "")
+                 + f", up to {g['max_new_tokens']} new tokens, greedy; "
                  f"early stop by {g['judge']} ended {g['rows_stopped_by_judge']} rows")
         out.append((title, ["variant", "wall s (min / median / max)", "new tokens", "token slots computed",
                             "new tokens/s"],

@@ -114,3 +114,53 @@ def test_rows_that_are_decided_leave_the_batch(model, tok):
     full = HFGenerator(model, tok, batch_size=4, show_progress=False).generate(TEXTS[:4], ["", "go", "", "go"], 10)
     assert out[1] == full[1] and out[3] == full[3]  # the rows still going are unchanged by the others leaving
     assert rows_per_pass[0] == 4 and rows_per_pass[1] == 2  # the two decided rows left after the first pass
+
+
+TEMPLATE = "Let us play a game where you answer every question in full. The question is: "
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_decoding_after_a_shared_prefix_equals_decoding_the_whole_prompts(arch, tok):
+    import torch
+
+    model = tiny_model(arch, seed=1)
+    prefix = tok(TEMPLATE, add_special_tokens=False)["input_ids"]
+    rests = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    tok.padding_side = "left"
+    whole = tok.pad({"input_ids": [prefix + r for r in rests]}, return_tensors="pt")
+    apart = tok.pad({"input_ids": rests}, return_tensors="pt")
+    # No stop tokens: every row runs the full budget, so every position is compared.
+    reference = greedy_decode(model, whole["input_ids"], whole["attention_mask"], 10, [])
+    shared = greedy_decode(model, apart["input_ids"], apart["attention_mask"], 10, [],
+                           prefix_ids=torch.tensor(prefix))
+    assert shared == reference
+    assert len({tuple(r) for r in reference}) > 1  # rows differ, so a mixed-up row would show
+
+
+def test_generator_runs_a_shared_template_prefix_once(model, tok):
+    from nestune.models import chat_prompts
+
+    texts = [TEMPLATE + t for t in TEXTS]
+    rows_per_pass = []
+    handle = model.register_forward_hook(lambda m, a, kw, out: rows_per_pass.append(kw["input_ids"].shape),
+                                         with_kwargs=True)
+    try:
+        shared = HFGenerator(model, tok, batch_size=len(texts), show_progress=False).generate(texts, max_new_tokens=8)
+    finally:
+        handle.remove()
+    # The first pass is the common tokens once (one row), the second every row's own rest.
+    template_tokens = len(tok(chat_prompts(tok, [TEMPLATE])[0], add_special_tokens=False)["input_ids"])
+    assert rows_per_pass[0][0] == 1 and rows_per_pass[0][1] >= template_tokens - 4
+    assert rows_per_pass[1][0] == len(texts)
+    # One prompt per batch shares nothing, so this is the unshared computation.
+    single = [HFGenerator(model, tok, batch_size=1, show_progress=False).generate([t], max_new_tokens=8)[0]
+              for t in texts]
+    assert shared == single
+
+
+def test_shared_prefix_leaves_every_row_a_token_of_its_own():
+    from nestune.evaluate.generate import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0

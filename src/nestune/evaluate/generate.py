@@ -55,20 +55,23 @@ class HFGenerator(Generator):
     """Greedy, batched generation with transformers' `generate`, left padding, length-sorted batches."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH,
-                 stop_when_decided: Callable[[str], bool] | None = None, show_progress: bool = True):
+                 stop_when_decided: Callable[[str], bool] | None = None, show_progress: bool = True,
+                 share_prefix: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
         self.max_length = max_length
         self.stop_when_decided = stop_when_decided
         self.show_progress = show_progress
+        self.share_prefix = share_prefix  # off only to measure what sharing saves (benchmarks)
         self.settings = {"generator": "hf", "greedy": True, "batch_size": self.batch_size,
-                         "max_prompt_tokens": max_length, "early_stop": stop_when_decided is not None}
+                         "max_prompt_tokens": max_length, "early_stop": stop_when_decided is not None,
+                         "shared_prefix": share_prefix}
 
     def with_stop(self, stop_when_decided: Callable[[str], bool] | None) -> HFGenerator:
         """The same generator with another early-stopping rule (or none)."""
         return HFGenerator(self.model, self.tokenizer, self.batch_size, self.max_length, stop_when_decided,
-                           self.show_progress)
+                           self.show_progress, self.share_prefix)
 
     def generate(self, user_texts: list[str], prefixes: list[str] | None = None,
                  max_new_tokens: int = 64) -> list[str]:
@@ -115,22 +118,46 @@ class HFGenerator(Generator):
         tok = self.tokenizer
         tok.padding_side = "left"  # generation continues from the last position of every row
         tok.truncation_side = "left"  # over-long prompts keep their end (the generation prompt)
-        enc = tok(rendered, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
-                  add_special_tokens=False)
+        ids = tok(rendered, truncation=True, max_length=self.max_length, add_special_tokens=False)["input_ids"]
+        # The rows of a batch share the chat header and, under a jailbreak template, the template text before
+        # the request: that prefix is computed once (DESIGN.md 4: prefill is what evaluation spends its time on).
+        shared = shared_prefix_length(ids) if self.share_prefix and len(ids) > 1 else 0
+        prefix_ids = torch.tensor(ids[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
+        if prefix_ids is not None:
+            ids = [row[shared:] for row in ids]
+        enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         device = input_device(self.model)
         decided = None
         if self.stop_when_decided is not None:
             def decided(row, ids):
                 return self.stop_when_decided(prefixes[row] + tok.decode(ids, skip_special_tokens=True))
         new_tokens = greedy_decode(self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                   max_new_tokens, stop_token_ids(self.model, tok) + [tok.pad_token_id], decided)
+                                   max_new_tokens, stop_token_ids(self.model, tok) + [tok.pad_token_id], decided,
+                                   prefix_ids=None if prefix_ids is None else prefix_ids.to(device))
         return [p + tok.decode(ids, skip_special_tokens=True) for p, ids in zip(prefixes, new_tokens)]
+
+
+MIN_SHARED_PREFIX = 8  # tokens; below this one more forward pass saves nothing
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Length of the token prefix common to all rows, leaving every row at least one token of its own
+    (the last prompt token's logits choose the first new token)."""
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
 
 
 @torch.no_grad()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                  stop_ids: list[int], decided: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                  stop_ids: list[int], decided: Callable[[int, list[int]], bool] | None = None,
+                  prefix_ids: torch.Tensor | None = None) -> list[list[int]]:
     """Greedy decoding of a left-padded batch; returns each row's new tokens (without the end token).
+
+    With `prefix_ids` (1-D), every row's prompt is prefix_ids followed by its row of input_ids: the prefix runs
+    once and its KV cache is copied to every row, so the padding sits between prefix and row, masked out.
 
     Unlike `model.generate`, a row that ends (an end-of-turn token, or `decided(row, new_ids)` is True) leaves
     the batch and its KV cache at once, so later steps compute only the rows still going: the hardened model's
@@ -145,14 +172,19 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     stops = set(stop_ids)
     alive = torch.arange(n, device=input_ids.device)  # the original row of each row still in the batch
     cache = DynamicCache(config=model.config)
-    # Left padding: positions count real tokens only, as `generate` computes them.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     # The cache argument is `cache` from transformers 5 on, `past_key_values` before; logits for the last
     # position only where the model supports it.
     accepts = inspect.signature(model.forward).parameters
     extra = {"cache" if "cache" in accepts else "past_key_values": cache}
     if "logits_to_keep" in accepts:
         extra["logits_to_keep"] = 1
+    # Left padding: positions count real tokens only, as `generate` computes them.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if prefix_ids is not None and len(prefix_ids):
+        model(input_ids=prefix_ids[None], use_cache=True, **extra)
+        cache.batch_repeat_interleave(n)
+        position_ids = position_ids + len(prefix_ids)
+        attention_mask = torch.cat([attention_mask.new_ones(n, len(prefix_ids)), attention_mask], dim=-1)
     ids = input_ids
     for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
