@@ -50,7 +50,9 @@ class TrainConfig:
     # kept answering as the original model did; 0 by default: on smollm2 and qwen they did not measurably
     # lower over-refusal (docs/method.md)
     n_lookalike: int = 0
-    epochs: int = 2
+    # 3 (72 steps of 8): measured on smollm2-135m against 2, same detection and targets: DAN 8 96% -> 0% and role
+    # play 100% -> 38% attack success, over-refusal unchanged (20%), ARC-Easy 53.3% -> 51.7% (README)
+    epochs: int = 3
     max_steps: int = 0  # 0: no step limit (epochs decide)
     batch_size: int = 8
     grad_accum: int = 1
