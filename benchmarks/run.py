@@ -68,7 +68,7 @@ TRAIN_K = 2
 TRAIN_MAX_LENGTH = 96
 N_TRAIN = 4  # harmful and benign examples each: a batch of 8
 N_CAPTURE = 16  # harmful and benign prompts each: 32
-N_GENERATE = 16  # behaviours, each under every wrapper: plain and the evaluation's default templates
+N_GENERATE = 8  # behaviours, each under every wrapper (plain and the evaluation's 8 default templates): 72 prompts
 PLAIN_BATCH_SIZE = 8
 
 # Fixed responses, long enough that every example fills about TRAIN_MAX_LENGTH tokens.
@@ -189,7 +189,7 @@ def prompt_sets(tiny: bool, seed: int) -> dict[str, list]:
 
     if tiny:
         harmful, benign, train_harmful, train_benign = TINY_HARMFUL, TINY_BENIGN, TINY_HARMFUL, TINY_BENIGN
-        behaviours = TINY_HARMFUL * (N_GENERATE // len(TINY_HARMFUL))
+        behaviours = (TINY_HARMFUL * N_GENERATE)[:N_GENERATE]
         templates = list(TINY_TEMPLATES)
     else:
         from nestune import data

@@ -71,7 +71,7 @@ if os.environ.get("CHECK_THREADS") and any(name.startswith(("pt_gloo", "gloo")) 
 
 
 def launch_two_processes(run: RunFolder, model_dir: str, method: str, launcher_flag: str = "--multi_gpu",
-                         **extra) -> subprocess.CompletedProcess:
+                         launcher_args: tuple = (), **extra) -> subprocess.CompletedProcess:
     settings = [arg for key, value in {**SETTINGS, **extra}.items() for arg in ("--set", f"{key}={value}")]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     if extra.get("train.fsdp") != "true" and launcher_flag != "--use_fsdp":  # FSDP leaves the group referenced from torch's DTensor caches
@@ -80,7 +80,7 @@ def launch_two_processes(run: RunFolder, model_dir: str, method: str, launcher_f
     script.write_text(TRAIN_THEN_CHECK_THREADS)
     command = [sys.executable, "-m", "accelerate.commands.launch", launcher_flag, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()),
+               "--main_process_port", str(free_port()), *launcher_args,
                str(script), "train", "--run", str(run.path), "--model", model_dir, "--device", "cpu",
                "--method", method, *settings]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -114,8 +114,13 @@ def test_two_processes_train_what_one_process_trains(tmp_path, tiny_folder, meth
 
 
 # Sharding is asked for with the setting, or with accelerate's own FSDP switch (what `distributed_type: FSDP` in an
-# accelerate config file sets).
-@pytest.mark.parametrize("asked_by", [{"train.fsdp": "true"}, {"launcher_flag": "--use_fsdp"}])
+# accelerate config file sets), whose options nestune applies where they fit: neither keeping gathered layers
+# from forward to backward nor recomputing activations changes what is trained.
+FSDP_OPTIONS = ("--fsdp_reshard_after_forward", "false", "--fsdp_activation_checkpointing", "true")
+
+
+@pytest.mark.parametrize("asked_by", [{"train.fsdp": "true"}, {"launcher_flag": "--use_fsdp"},
+                                      {"launcher_flag": "--use_fsdp", "launcher_args": FSDP_OPTIONS}])
 def test_sharded_full_finetuning_trains_what_one_process_trains(tmp_path, tiny_folder, asked_by):
     one, two = make_run(tmp_path / "one", tiny_folder), make_run(tmp_path / "two", tiny_folder)
     cfg = load_config(overrides={"model": tiny_folder, "out": str(one.path), "device": "cpu",
@@ -125,6 +130,9 @@ def test_sharded_full_finetuning_trains_what_one_process_trains(tmp_path, tiny_f
     result = launch_two_processes(two, tiny_folder, "full", **asked_by)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "sharded over 2 processes (FSDP)" in result.stdout and result.stdout.count("trained") == 1
+    with_options = "launcher_args" in asked_by
+    assert (f"reshard_after_forward={not with_options}, offload_params=False, "
+            f"activation_checkpointing={with_options}") in result.stdout
 
     summary = json.loads((two.path / "train" / "summary.json").read_text())
     assert summary["trainable_params"] == single["trainable_params"]
@@ -350,3 +358,19 @@ def test_generation_splits_a_batch_on_out_of_memory(capsys):
         handle.remove()
     assert split == plain
     assert gen.batch_size <= 2 and "retrying with 3" in capsys.readouterr().out  # later batches start smaller
+
+
+def test_fsdp_options_come_from_the_accelerate_config():
+    from nestune.baselines import fsdp_options
+
+    assert fsdp_options({}) == {"reshard_after_forward": True, "offload_params": False,
+                                "activation_checkpointing": False, "not_applied": []}
+    # A version-1 config names the same choice as a sharding strategy.
+    assert fsdp_options({"FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"})["reshard_after_forward"] is False
+    assert fsdp_options({"FSDP_SHARDING_STRATEGY": "FULL_SHARD"})["reshard_after_forward"] is True
+    options = fsdp_options({"FSDP_OFFLOAD_PARAMS": "true", "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP",
+                            "FSDP_FORWARD_PREFETCH": "false", "FSDP_VERSION": "2"})
+    assert options["offload_params"] and options["not_applied"] == ["FSDP_AUTO_WRAP_POLICY=SIZE_BASED_WRAP"]
+    with pytest.raises(NestuneError) as err:
+        fsdp_options({"FSDP_SHARDING_STRATEGY": "NO_SHARD"})
+    assert "FULL_SHARD" in err.value.fix

@@ -20,6 +20,7 @@ before using it again.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 
 import torch
@@ -87,7 +88,10 @@ def train_full(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolde
     trainable = sum(p.numel() for p in dict(model.named_parameters()).values())
     sharded = cfg.train.fsdp
     if sharded:  # (train.check_can_shard has vetted the setting)
-        shard_model(model)
+        options = fsdp_options()
+        if is_main(accelerator):
+            print(describe_fsdp_options(options), flush=True)
+        shard_model(model, options)
     params = dict(model.named_parameters())  # tied weights appear once, as the optimizer sees them
     for p in params.values():
         p.requires_grad_(True)
@@ -121,15 +125,68 @@ def train_full(loaded: LoadedModel, cfg: Config, rows: list[dict], run: RunFolde
     return {"trainable_params": trainable}, stats
 
 
-def shard_model(model: nn.Module) -> None:
+# `accelerate launch` passes an FSDP config's fsdp_* keys to the processes as FSDP_* environment variables.
+# nestune's own sharding honours reshard-after-forward (or the version-1 sharding strategy), parameter offload
+# and activation checkpointing; these others, when set to anything but off, are named as not applied.
+FSDP_NOT_APPLIED = ("FSDP_AUTO_WRAP_POLICY", "FSDP_TRANSFORMER_CLS_TO_WRAP", "FSDP_BACKWARD_PREFETCH",
+                    "FSDP_FORWARD_PREFETCH", "FSDP_STATE_DICT_TYPE", "FSDP_IGNORED_MODULES",
+                    "FSDP_CPU_RAM_EFFICIENT_LOADING", "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD")
+
+
+def fsdp_options(environ=None) -> dict:
+    """{reshard_after_forward, offload_params, activation_checkpointing, not_applied} from the launcher's FSDP_*.
+
+    reshard_after_forward: FSDP2's name; a version-1 config says it as sharding_strategy (FULL_SHARD: yes,
+    SHARD_GRAD_OP: no). Wrapping is always one unit per decoder layer (what TRANSFORMER_BASED_WRAP gives), and
+    the trained weights are always gathered whole for saving.
+    """
+    env = os.environ if environ is None else environ
+
+    def flag(name: str, default: bool) -> bool:
+        return env.get(name, str(default)).strip().lower() in ("1", "true", "yes")
+
+    strategy = env.get("FSDP_SHARDING_STRATEGY", "").strip().upper()
+    if strategy in ("NO_SHARD", "3", "HYBRID_SHARD", "4", "HYBRID_SHARD_ZERO2", "5"):
+        raise NestuneError(f"the accelerate config asks for FSDP sharding strategy {strategy}, which nestune does "
+                           "not implement", "use FULL_SHARD or SHARD_GRAD_OP (fsdp_reshard_after_forward with "
+                           "fsdp_version 2), or plain data parallelism (no FSDP)")
+    reshard = flag("FSDP_RESHARD_AFTER_FORWARD", True) and strategy not in ("SHARD_GRAD_OP", "2")
+    not_applied = [f"{k}={env[k]}" for k in FSDP_NOT_APPLIED
+                   if env.get(k, "").strip().lower() not in ("", "false", "none", "no_prefetch")]
+    return {"reshard_after_forward": reshard, "offload_params": flag("FSDP_OFFLOAD_PARAMS", False),
+            "activation_checkpointing": flag("FSDP_ACTIVATION_CHECKPOINTING", False), "not_applied": not_applied}
+
+
+def describe_fsdp_options(options: dict) -> str:
+    text = (f"FSDP: one shard unit per decoder layer, reshard_after_forward={options['reshard_after_forward']}, "
+            f"offload_params={options['offload_params']}, "
+            f"activation_checkpointing={options['activation_checkpointing']}")
+    if options["not_applied"]:
+        text += f"; not applied: {', '.join(options['not_applied'])}"
+    return text
+
+
+def shard_model(model: nn.Module, options: dict | None = None) -> None:
     """FSDP2 (torch's fully_shard): each decoder layer's weights, gradients and optimizer state are split over
     the processes and gathered only while the layer computes; the root module holds the rest (embeddings,
-    final norm, LM head, tied weights included). Works with nccl on GPUs and gloo on CPU."""
-    from torch.distributed.fsdp import fully_shard
+    final norm, LM head, tied weights included). Works with nccl on GPUs and gloo on CPU.
 
+    options (fsdp_options): reshard_after_forward=False keeps each layer's gathered weights from the forward to
+    the backward (less communication, more memory); offload_params keeps the shards and optimizer state in CPU
+    memory between uses (GPU processes; on CPU there is nothing to offload to); activation_checkpointing
+    recomputes each layer's activations in the backward instead of keeping them.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    options = options or fsdp_options({})
+    if options["activation_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    on_gpu = next(model.parameters()).device.type != "cpu"
+    offload = CPUOffloadPolicy() if options["offload_params"] and on_gpu else OffloadPolicy()
+    kwargs = {"reshard_after_forward": options["reshard_after_forward"], "offload_policy": offload}
     for layer in get_module(model, ARCHITECTURES[model_type(model)][0]):  # the decoder layers
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 @contextmanager
