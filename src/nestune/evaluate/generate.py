@@ -229,7 +229,8 @@ class VLLMGenerator(Generator):
         self.llm = LLM(model=model_path, tokenizer=model_path, max_model_len=max_length + 1024,
                        gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
         self.settings = {"generator": "vllm", "greedy": True, "batch_size": "continuous",
-                         "max_prompt_tokens": max_length, "early_stop": False}
+                         "max_prompt_tokens": max_length, "early_stop": False,
+                         "shared_prefix": "vllm prefix caching"}
 
     def generate(self, user_texts: list[str], prefixes: list[str] | None = None,
                  max_new_tokens: int = 64) -> list[str]:
