@@ -18,12 +18,12 @@ Sections (each figure is printed next to its target from the issue):
    Figures: step time, peak memory of a step, trainable parameters, optimizer-state bytes.
 2. capture: tokens/s of detect.capture_pooled (hooks, no LM head) vs a plain forward with logits,
    model(**batch), over the same length-sorted batches of 32 prompts.
-3. generate: new tokens/s of the evaluation generator (HFGenerator: batch 16, length-sorted, the prompt
-   prefix that a batch shares computed once, stopping a row once the refusal judge has decided, as the
-   evaluation uses it) vs plain model.generate with batch 8 in input order, on N_GENERATE held-out harmful
-   prompts under each of the evaluation's default attacks but prefill (plain and the 8 templates), one call
-   per attack as the evaluation makes them, greedy. The generator is also run without early stopping and
-   without prefix sharing, so the share of the speedup that comes from each is shown apart.
+3. generate: new tokens/s of the evaluation generator (HFGenerator: eval.batch_size rows, length-sorted, the
+   prompt prefix that a batch shares computed once, stopping a row once the refusal judge has decided, as the
+   evaluation uses it) vs plain model.generate with batch 8 in input order, on eval.n_behaviours held-out
+   harmful prompts under each of the evaluation's default attacks but prefill (plain and the 8 templates), one
+   call per attack as the evaluation makes them, greedy. The generator also runs without early stopping,
+   without prefix sharing, and at batch 8, so the share of the speedup that comes from each is shown apart.
 4. e2e: the stage wall times a finished `nestune run` wrote to RUN/timings.json (nothing is launched).
 
 Timing: each method or variant is warmed up once, then run --repeats times; min/median/max are kept and
@@ -68,7 +68,6 @@ TRAIN_K = 2
 TRAIN_MAX_LENGTH = 96
 N_TRAIN = 4  # harmful and benign examples each: a batch of 8
 N_CAPTURE = 16  # harmful and benign prompts each: 32
-N_GENERATE = 8  # behaviours, each under every wrapper (plain and the evaluation's 8 default templates): 72 prompts
 PLAIN_BATCH_SIZE = 8
 
 # Fixed responses, long enough that every example fills about TRAIN_MAX_LENGTH tokens.
@@ -189,7 +188,7 @@ def prompt_sets(tiny: bool, seed: int) -> dict[str, list]:
 
     if tiny:
         harmful, benign, train_harmful, train_benign = TINY_HARMFUL, TINY_BENIGN, TINY_HARMFUL, TINY_BENIGN
-        behaviours = (TINY_HARMFUL * N_GENERATE)[:N_GENERATE]
+        behaviours = (TINY_HARMFUL * 8)[:8]
         templates = list(TINY_TEMPLATES)
     else:
         from nestune import data
@@ -201,12 +200,12 @@ def prompt_sets(tiny: bool, seed: int) -> dict[str, list]:
         benign = [p.text for p in data.pick(d.benign, "detect", N_CAPTURE, seed)]
         train_harmful = [p.text for p in data.pick(d.harmful, "train", N_TRAIN, seed)]
         train_benign = [p.text for p in data.pick(d.benign, "train", N_TRAIN, seed)]
-        behaviours = [p.text for p in data.pick(ev.behaviours, "heldout", N_GENERATE, seed)]
+        behaviours = [p.text for p in data.pick(ev.behaviours, "heldout", ev.n_behaviours, seed)]
         named = templates_from_prompts(data.load("jailbreak-templates"))
         templates = [named[name] for name in DEFAULT_TEMPLATES]
     # One group per attack, as the evaluation calls the generator.
     wrappers = ["{{ prompt }}", *templates]
-    generate = [[fill_template(w, b) for b in behaviours[:N_GENERATE]] for w in wrappers]
+    generate = [[fill_template(w, b) for b in behaviours] for w in wrappers]
     return {"train_harmful": train_harmful[:N_TRAIN], "train_benign": train_benign[:N_TRAIN],
             "capture": harmful[:N_CAPTURE] + benign[:N_CAPTURE], "generate": generate}
 
@@ -411,13 +410,15 @@ def bench_generate(model, tokenizer, groups: list[list[str]], repeats: int, max_
         return rows
 
     generate_module.greedy_decode = counted_decode  # HFGenerator looks it up in its module at each call
-    sorted_batches = HFGenerator(model, tokenizer, batch_size=ev.batch_size, max_length=ev.max_length,
-                                 show_progress=False)
+    def generator(batch_size=ev.batch_size, share_prefix=True):
+        return HFGenerator(model, tokenizer, batch_size=batch_size, max_length=ev.max_length, show_progress=False,
+                           share_prefix=share_prefix)
+
     generators = {
-        "sorted_batch16_unshared": HFGenerator(model, tokenizer, batch_size=ev.batch_size, max_length=ev.max_length,
-                                               show_progress=False, share_prefix=False),
-        "sorted_batch16": sorted_batches,
-        "sorted_batch16_early_stop": sorted_batches.with_stop(judge.decided),  # as evaluate_model uses it
+        "generator_batch8": generator(batch_size=PLAIN_BATCH_SIZE),
+        "generator_unshared": generator(share_prefix=False),
+        "generator": generator(),
+        "generator_early_stop": generator().with_stop(judge.decided),  # as evaluate_model uses it
     }
     outputs = {}
 
@@ -456,7 +457,7 @@ def bench_generate(model, tokenizer, groups: list[list[str]], repeats: int, max_
         new, slots = produced[name]
         variants[name] = {"wall_s": times[name], "new_tokens": new, "token_slots": slots,
                           "tokens_per_s": new / times[name]["median"]}
-    refused = sum(judge.refused(text) for text in outputs["sorted_batch16_early_stop"])
+    refused = sum(judge.refused(text) for text in outputs["generator_early_stop"])
     return {"prompts": n_prompts, "attacks": len(groups), "max_new_tokens": max_new_tokens, "batch_size": ev.batch_size,
             "plain_batch_size": PLAIN_BATCH_SIZE, "judge": judge.name, "rows_stopped_by_judge": refused,
             "variants": variants}
@@ -508,10 +509,10 @@ def figures(results: dict) -> list[dict]:
     if "generate" in results:
         v = results["generate"]["variants"]
         plain = v["plain_batch8"]
-        for name, label, target in (("sorted_batch16_early_stop", "evaluation generator", 3.0),
-                                    ("sorted_batch16", "generator without early stop", None),
-                                    ("sorted_batch16_unshared", "generator without early stop or shared prefix",
-                                     None)):
+        for name, label, target in (("generator_early_stop", "evaluation generator", 3.0),
+                                    ("generator", "generator without early stop", None),
+                                    ("generator_unshared", "generator without early stop or shared prefix", None),
+                                    ("generator_batch8", "generator at batch 8 without early stop", None)):
             add(f"generate.{name}.tokens_per_s", f"{label}: new tokens/s / batch-8 generate",
                 v[name]["tokens_per_s"] / plain["tokens_per_s"], target, "higher")
             add(f"generate.{name}.wall", f"{label}: batch-8 generate wall time / its wall time",

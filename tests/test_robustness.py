@@ -204,3 +204,43 @@ def test_attack_command_end_to_end(tmp_path, capsys):
 
     assert main(args) == 0  # a rerun with the same settings measures nothing again
     assert "already measured" in capsys.readouterr().out
+
+
+def test_attack_on_a_comparison_folder_attacks_every_method(tmp_path, capsys):
+    """`nestune attack --run DIR` on a `nestune compare` folder: the base model and each method's folded model,
+    one column per method in the attack files, compare.md and the comparison's report."""
+    from nestune.cli import main
+    from nestune.io import read_json
+    from nestune.runfolder import RunFolder
+
+    model_dir = str(save_tiny(tmp_path / "tiny", "llama"))
+    (tmp_path / "harmful.txt").write_text("\n".join(HARMFUL) + "\n")
+    (tmp_path / "benign.txt").write_text("\n".join(BENIGN) + "\n")
+    root = RunFolder(tmp_path / "cmp")
+    cfg = load_config(overrides={"model": model_dir}, environ={})
+    root.save_config(cfg)
+    for seed, method in enumerate(("nest", "lora"), start=1):  # stand-ins for the methods' folded models
+        sub = RunFolder(root.path / "methods" / method)
+        sub.save_config(cfg)
+        save_tiny(sub.stage("fold") / "model", "llama", seed=seed)
+        sub.mark_done("fold")
+    RunFolder(root.path / "methods" / "full").save_config(cfg)  # not folded yet: not attacked
+
+    args = ["attack", "--run", str(root.path), "--preset", "smoke", "--device", "cpu", "--attacks", "refusal-direction",
+            "--harmful", str(tmp_path / "harmful.txt"), "--benign", str(tmp_path / "benign.txt"),
+            "--set", f"eval.behaviours={tmp_path / 'harmful.txt'}", "--set", "eval.max_new_tokens=6",
+            "--set", "eval.batch_size=4", "--set", "attack.n_select=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    saved = read_json(root.path / "attack" / "refusal-direction.json")["models"]
+    assert list(saved) == ["base", "nest", "lora"]
+    assert saved["lora"]["path"] == str(root.path / "methods" / "lora" / "fold" / "model")
+    assert "cosine_to_base_direction" in saved["nest"]
+    for side in ("base", "nest", "lora"):
+        assert (root.path / "attack" / "refusal-direction" / f"{side}.jsonl").exists()
+    summary = read_json(root.path / "compare.json")["robustness"]
+    assert summary["sides"] == ["base", "nest", "lora"]
+    assert [r["attack"] for r in summary["rows"]] == ["none", "refusal-direction"]
+    assert "| attack | base | nest | lora |" in (root.path / "compare.md").read_text()
+    assert "White-box attacks" in (root.path / "report.html").read_text()
+    assert "lora" in out and not (root.path / "results.json").exists()  # a comparison has no single-run report

@@ -65,7 +65,6 @@ from .models import (
 from .runfolder import RunFolder
 
 ATTACKS = ("neuron-pruning", "refusal-direction", "harmful-finetune")
-SIDES = ("base", "hardened")
 
 # The norm in front of each decoder layer's MLP: its input is the residual stream after attention has
 # written ("resid_mid"). Gemma 2/3 norm the attention output before adding it (post_attention_layernorm), so
@@ -471,8 +470,10 @@ class AttackContext:
         return self._detect_prompts
 
     def targets(self, base: LoadedModel | None) -> list[dict]:
-        """RUN/train/targets.jsonl, generated with the base model when the run has none yet."""
-        path = self.run.path / "train" / "targets.jsonl"
+        """RUN/train/targets.jsonl (a comparison's shared DIR/train-targets), made with the base model when
+        the run has none yet."""
+        targets_run = RunFolder(self.run.path / "train-targets") if is_compare_folder(self.run) else self.run
+        path = targets_run.path / "train" / "targets.jsonl"
         if path.exists():
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if base is None:
@@ -480,7 +481,11 @@ class AttackContext:
                                "run `nestune attack` with the base model too (the default), or `nestune train` first")
         from .train import build_targets
 
-        return build_targets(base, self.cfg, self.run)
+        return build_targets(base, self.cfg, targets_run)
+
+
+def is_compare_folder(run: RunFolder) -> bool:
+    return (run.path / "methods").is_dir()
 
 
 def settings_for(cfg: Config, name: str, judge_name: str) -> dict:
@@ -513,8 +518,20 @@ def parse_attacks(spec: str | None) -> list[str]:
 
 
 def model_sides(cfg: Config, run: RunFolder) -> list[tuple[str, str]]:
-    """(side, model spec): the base model, and the hardened one when the run has folded it."""
+    """(side, model spec): the base model, then the hardened one when the run has folded it, or in a
+    `nestune compare` folder every method's folded model, each side named after its method."""
     sides = [("base", cfg.model)]
+    if is_compare_folder(run):
+        from .compare import METHODS
+
+        for method in METHODS:
+            sub = RunFolder(run.path / "methods" / method)
+            if sub.done("fold") and (sub.path / "fold" / "model").exists():
+                sides.append((method, str(sub.path / "fold" / "model")))
+        if len(sides) == 1:
+            print(f"note: no method in '{run.path}' has a folded model yet; attacking the base model only",
+                  flush=True)
+        return sides
     folded = run.path / "fold" / "model"
     if run.done("fold") and folded.exists():
         sides.append(("hardened", str(folded)))
@@ -613,51 +630,54 @@ def _load(cfg: Config, spec: str) -> LoadedModel:
 
 
 def robustness_summary(run_path: Path) -> dict | None:
-    """{"judge", "n_behaviours", "rows": [{"attack", "base", "hardened"}]} from RUN/attack, or None."""
+    """{"judge", "n_behaviours", "sides", "rows": [{"attack", <side>: rate, ...}]} from RUN/attack, or None.
+
+    Sides are base and hardened for a run, base and each method for a comparison."""
     folder = Path(run_path) / "attack"
     if not folder.is_dir():
         return None
+    saved = {name: _load_file(folder / f"{name}.json", name) for name in ("none", *ATTACKS)
+             if (folder / f"{name}.json").exists()}
+    if not saved:
+        return None
+    sides = list(dict.fromkeys(side for f in saved.values() for side in f["models"]))
     rows, judge, n = [], None, None
-    for name in ("none", *ATTACKS):
-        f = folder / f"{name}.json"
-        if not f.exists():
-            continue
-        saved = _load_file(f, name)
-        models = saved.get("models") or {}
-        judge, n = saved.get("judge", judge), (saved.get("behaviours") or {}).get("n", n)
-        rows.append({"attack": name, **{s: (models.get(s) or {}).get("asr_attacked") for s in SIDES}})
+    for name, f in saved.items():
+        models = f["models"]
+        judge, n = f.get("judge", judge), (f.get("behaviours") or {}).get("n", n)
+        rows.append({"attack": name, **{s: (models.get(s) or {}).get("asr_attacked") for s in sides}})
         if name == "neuron-pruning":
             rows.append({"attack": "neuron-pruning (random control)",
-                         **{s: (models.get(s) or {}).get("asr_random_control") for s in SIDES}})
-    return {"judge": judge, "n_behaviours": n, "rows": rows} if rows else None
+                         **{s: (models.get(s) or {}).get("asr_random_control") for s in sides}})
+    return {"judge": judge, "n_behaviours": n, "sides": sides, "rows": rows}
 
 
-def print_table(results: dict) -> None:
+def print_table(summary: dict) -> None:
     from rich.table import Table
 
     from .io import console
     from .report import _fmt
 
-    judge = next((f.get("judge") for f in results.values() if f.get("judge")), None)
-    table = Table(title=f"white-box attacks: ASR on plain harmful held-out behaviours (judge: {judge})")
-    for col in ("attack", "base", "hardened"):
+    table = Table(title=f"white-box attacks: ASR on plain harmful held-out behaviours (judge: {summary['judge']})")
+    for col in ("attack", *summary["sides"]):
         table.add_column(col)
-    for name, f in results.items():
-        models = f.get("models") or {}
-        table.add_row(name, *(_fmt((models.get(s) or {}).get("asr_attacked")) for s in SIDES))
-        if name == "neuron-pruning":
-            table.add_row("  (random neurons)", *(_fmt((models.get(s) or {}).get("asr_random_control"))
-                                                  for s in SIDES))
+    for row in summary["rows"]:
+        table.add_row(row["attack"], *(_fmt(row.get(s)) for s in summary["sides"]))
     console().print(table)
 
 
 def attack_command(cfg: Config, out: str, attacks_spec: str | None) -> dict:
-    """The CLI entry: run the attacks, print the table, rebuild the report."""
-    from .report import build_report
-
+    """The CLI entry: run the attacks, print the table, rebuild the report (a comparison's, in a compare folder)."""
     run = RunFolder(out)
     results = run_robustness(cfg, run, parse_attacks(attacks_spec))
-    print_table(results)
-    paths = build_report(run)
+    print_table(robustness_summary(run.path))
+    if is_compare_folder(run):
+        from .compare import write_outputs
+
+        paths = write_outputs(cfg, run)
+    else:
+        from .report import build_report
+
+        paths = build_report(run)
     print(f"results: {run.path / 'attack'}; report: {paths['html']}", flush=True)
     return results

@@ -80,45 +80,45 @@ class HFGenerator(Generator):
         if not user_texts:
             return []
         prefixes = list(prefixes) if prefixes else [""] * len(user_texts)
-        rendered = render(self.tokenizer, user_texts, prefixes)
-        lengths = [len(ids) for ids in self.tokenizer(rendered, add_special_tokens=False)["input_ids"]]
-        out: list[str] = [""] * len(rendered)
-        with tqdm(total=len(rendered), desc="generate", unit="prompt", disable=not self.show_progress,
+        tok = self.tokenizer
+        tok.truncation_side = "left"  # over-long prompts keep their end (the generation prompt)
+        ids = tok(render(tok, user_texts, prefixes), truncation=True, max_length=self.max_length,
+                  add_special_tokens=False)["input_ids"]
+        out: list[str] = [""] * len(ids)
+        with tqdm(total=len(ids), desc="generate", unit="prompt", disable=not self.show_progress,
                   leave=False) as bar:
-            for batch in length_sorted_batches(lengths, self.batch_size):
-                texts = self._generate_or_split([rendered[i] for i in batch], [prefixes[i] for i in batch],
+            for batch in length_sorted_batches([len(row) for row in ids], self.batch_size):
+                texts = self._generate_or_split([ids[i] for i in batch], [prefixes[i] for i in batch],
                                                 max_new_tokens)
                 for i, text in zip(batch, texts):
                     out[i] = text
                 bar.update(len(batch))
         return out
 
-    def _generate_or_split(self, rendered: list[str], prefixes: list[str], max_new_tokens: int) -> list[str]:
+    def _generate_or_split(self, ids: list[list[int]], prefixes: list[str], max_new_tokens: int) -> list[str]:
         """One batch; on out-of-memory, its two halves one after the other (and smaller batches from then on)."""
         try:
-            return self._generate_batch(rendered, prefixes, max_new_tokens)
+            return self._generate_batch(ids, prefixes, max_new_tokens)
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
-            if len(rendered) == 1:
+            if len(ids) == 1:
                 raise NestuneError("generation ran out of memory with one prompt per batch",
                                    "spread the model over devices (--device-map auto), load it in bf16, or "
                                    "lower eval.max_length or eval.max_new_tokens") from None
         from accelerate.utils.memory import clear_device_cache
 
         clear_device_cache(garbage_collection=True)
-        half = len(rendered) // 2
+        half = len(ids) // 2
         self.batch_size = max(1, min(self.batch_size, half))
-        print(f"generate: out of memory at batch size {len(rendered)}; retrying with {half}", flush=True)
-        return (self._generate_or_split(rendered[:half], prefixes[:half], max_new_tokens)
-                + self._generate_or_split(rendered[half:], prefixes[half:], max_new_tokens))
+        print(f"generate: out of memory at batch size {len(ids)}; retrying with {half}", flush=True)
+        return (self._generate_or_split(ids[:half], prefixes[:half], max_new_tokens)
+                + self._generate_or_split(ids[half:], prefixes[half:], max_new_tokens))
 
     @torch.no_grad()
-    def _generate_batch(self, rendered: list[str], prefixes: list[str], max_new_tokens: int) -> list[str]:
+    def _generate_batch(self, ids: list[list[int]], prefixes: list[str], max_new_tokens: int) -> list[str]:
         tok = self.tokenizer
         tok.padding_side = "left"  # generation continues from the last position of every row
-        tok.truncation_side = "left"  # over-long prompts keep their end (the generation prompt)
-        ids = tok(rendered, truncation=True, max_length=self.max_length, add_special_tokens=False)["input_ids"]
         # The rows of a batch share the chat header and, under a jailbreak template, the template text before
         # the request: that prefix is computed once (DESIGN.md 4: prefill is what evaluation spends its time on).
         shared = shared_prefix_length(ids) if self.share_prefix and len(ids) > 1 else 0
