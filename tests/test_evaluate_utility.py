@@ -17,7 +17,7 @@ from nestune.evaluate.utility import (
     mc_prompt,
     next_token_logprobs,
 )
-from nestune.testing import tiny_model, tiny_tokenizer
+from nestune.testing import TINY_ARCHS, tiny_model, tiny_tokenizer
 
 # ---------------------------------------------------------------------------------------------------------
 # Bootstrap
@@ -143,3 +143,27 @@ def test_kl_self_zero_and_perturbed_positive(model, tok):
 def test_kl_shape_mismatch():
     with pytest.raises(NestuneError):
         kl(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_continuation_scores_with_shared_contexts_on_every_architecture(arch):
+    # Questions with 1 to 4 choices of different lengths; batches of 3 continuations hold whole questions, so
+    # batch boundaries fall between questions of different sizes.
+    m, t = tiny_model(arch, seed=3), tiny_tokenizer()
+    questions = [("What is 2+2?", [" 4", " four, as everyone knows", " 5"]), ("Q", [" a"]),
+                 ("Name a colour, please, any colour at all", [" red", " blue", " a shade of green", " no"])]
+    requests = [(mc_prompt(q), c) for q, choices in questions for c in choices]
+    got = continuation_logprobs(m, t, requests, batch_size=3)
+    want = [direct_logprob(m, t, c, x) for c, x in requests]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_long_context_is_cut_from_the_left(model, tok):
+    context, choices = mc_prompt("word " * 40), [" yes", " no, not at all"]
+    got = continuation_logprobs(model, tok, [(context, c) for c in choices], batch_size=4, max_length=16)
+    ctx = tok(context)["input_ids"][-(16 - len(tok(choices[1], add_special_tokens=False)["input_ids"])):]
+    for score, choice in zip(got, choices):
+        cont = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+        assert score == pytest.approx(sum(lp[len(ctx) - 1 + k, cont[k]].item() for k in range(len(cont))), abs=1e-4)

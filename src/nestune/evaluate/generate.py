@@ -150,6 +150,16 @@ def shared_prefix_length(rows: list[list[int]]) -> int:
     return n
 
 
+def cache_kwargs(model, cache, last_logits_only: bool = False) -> dict:
+    """Forward kwargs that pass a KV cache: `cache` from transformers 5 on, `past_key_values` before; with
+    last_logits_only, logits for the last position only where the model supports it."""
+    accepts = inspect.signature(model.forward).parameters
+    extra = {"cache" if "cache" in accepts else "past_key_values": cache}
+    if last_logits_only and "logits_to_keep" in accepts:
+        extra["logits_to_keep"] = 1
+    return extra
+
+
 @torch.no_grad()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   stop_ids: list[int], decided: Callable[[int, list[int]], bool] | None = None,
@@ -172,12 +182,7 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     stops = set(stop_ids)
     alive = torch.arange(n, device=input_ids.device)  # the original row of each row still in the batch
     cache = DynamicCache(config=model.config)
-    # The cache argument is `cache` from transformers 5 on, `past_key_values` before; logits for the last
-    # position only where the model supports it.
-    accepts = inspect.signature(model.forward).parameters
-    extra = {"cache" if "cache" in accepts else "past_key_values": cache}
-    if "logits_to_keep" in accepts:
-        extra["logits_to_keep"] = 1
+    extra = cache_kwargs(model, cache, last_logits_only=True)
     # Left padding: positions count real tokens only, as `generate` computes them.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if prefix_ids is not None and len(prefix_ids):

@@ -36,14 +36,6 @@ def mc_requests(items) -> list[tuple[int, int, str, str]]:
             for i, item in enumerate(items) for j, choice in enumerate(item.choices)]
 
 
-def _tokenize_request(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of context + continuation and the continuation's length; the context is cut from the left."""
-    ctx = tokenizer(context, add_special_tokens=True)["input_ids"]  # BOS where the model expects one
-    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    ids = (ctx + cont)[-max_length:]
-    return ids, min(len(cont), len(ids) - 1)
-
-
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that start at 0 on the first real token of each left-padded row (as `generate` computes)."""
     pos = attention_mask.long().cumsum(-1) - 1
@@ -55,35 +47,68 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[str, str]], bat
                           max_length: int = 1024) -> list[float]:
     """Summed log p(continuation | context) for each (context, continuation).
 
-    Rows are left-padded so every continuation ends at the last position, and only the last positions'
-    logits are computed (`logits_to_keep`): the full (batch, length, vocab) tensor is never built.
+    The choices of a question share its context, so each distinct context runs once (left-padded), its KV
+    cache is copied to every continuation of it, and the continuations run on top (right-padded): a question
+    costs its context once plus its choices, not its context once per choice. A batch holds whole questions,
+    about `batch_size` continuations. Context and continuation are tokenized apart (BOS on the context where
+    the model expects one); a context longer than max_length minus its longest continuation is cut from the
+    left.
     """
-    encoded = [_tokenize_request(tokenizer, c, x, max_length) for c, x in requests]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    from transformers import DynamicCache
+
+    from .generate import cache_kwargs
+
+    conts = [tokenizer(x, add_special_tokens=False)["input_ids"][-(max_length - 1):] for _, x in requests]
+    groups: dict[str, list[int]] = {}
+    for r, (context, _) in enumerate(requests):
+        groups.setdefault(context, []).append(r)
+    contexts = []
+    for context, members in groups.items():
+        room = max_length - max(len(conts[r]) for r in members)
+        contexts.append((tokenizer(context, add_special_tokens=True)["input_ids"][-room:], members))
+    contexts.sort(key=lambda c: -len(c[0]))  # longest first: less padding, and memory errors show early
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = input_device(model)
-    scores = [0.0] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = max(len(encoded[i][0]) for i in batch)
-        keep = max(encoded[i][1] for i in batch) + 1
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = encoded[i][0]
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
-                       logits_to_keep=keep).logits[:, -keep:].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        for row, i in enumerate(batch):
-            n = encoded[i][1]
-            targets = ids[row, width - n :]
-            # The logit at position t predicts token t+1: the last n tokens are read from the n positions
-            # before the final one.
-            preds = logprobs[row, keep - 1 - n : keep - 1]
-            scores[i] = float(preds.gather(-1, targets.unsqueeze(-1)).sum())
+    scores = [0.0] * len(requests)
+    start = 0
+    while start < len(contexts):
+        end, rows = start, 0
+        while end < len(contexts) and (rows == 0 or rows + len(contexts[end][1]) <= batch_size):
+            rows += len(contexts[end][1])
+            end += 1
+        batch, start = contexts[start:end], end
+        cache = DynamicCache(config=model.config)
+        # 1. The contexts, left-padded; the last position's logits score each continuation's first token.
+        width = max(len(ids) for ids, _ in batch)
+        ctx = torch.full((len(batch), width), pad, dtype=torch.long)
+        ctx_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for g, (ids, _) in enumerate(batch):
+            ctx[g, width - len(ids):] = torch.tensor(ids)
+            ctx_mask[g, width - len(ids):] = 1
+        ctx, ctx_mask = ctx.to(device), ctx_mask.to(device)
+        out = model(input_ids=ctx, attention_mask=ctx_mask, position_ids=position_ids_for(ctx_mask), use_cache=True,
+                    **cache_kwargs(model, cache, last_logits_only=True))
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        # 2. Each context's cache copied to each of its continuations, which run right-padded after it.
+        members = [(g, r) for g, (_, rs) in enumerate(batch) for r in rs]
+        index = torch.tensor([g for g, _ in members], device=device)
+        cache.batch_select_indices(index)
+        cont_width = max(len(conts[r]) for _, r in members)
+        cont = torch.full((len(members), cont_width), pad, dtype=torch.long)
+        cont_mask = torch.zeros((len(members), cont_width), dtype=torch.long)
+        for row, (_, r) in enumerate(members):
+            cont[row, :len(conts[r])] = torch.tensor(conts[r])
+            cont_mask[row, :len(conts[r])] = 1
+        cont, cont_mask = cont.to(device), cont_mask.to(device)
+        positions = ctx_mask.sum(-1)[index, None] + torch.arange(cont_width, device=device)
+        logits = model(input_ids=cont, attention_mask=torch.cat([ctx_mask[index], cont_mask], dim=-1),
+                       position_ids=positions, use_cache=True, **cache_kwargs(model, cache)).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for row, (g, r) in enumerate(members):
+            ids = conts[r]
+            # Position t of the continuation predicts its token t + 1.
+            rest = logprobs[row, : len(ids) - 1].gather(-1, cont[row, 1 : len(ids), None]).sum()
+            scores[r] = float(first[g, ids[0]] + rest)
     return scores
 
 
