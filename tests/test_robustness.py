@@ -244,3 +244,16 @@ def test_attack_on_a_comparison_folder_attacks_every_method(tmp_path, capsys):
     assert "| attack | base | nest | lora |" in (root.path / "compare.md").read_text()
     assert "White-box attacks" in (root.path / "report.html").read_text()
     assert "lora" in out and not (root.path / "results.json").exists()  # a comparison has no single-run report
+    assert main(args + ["--methods", "lora"]) == 0  # one method, already measured: nothing runs again
+    out = capsys.readouterr().out
+    assert "lora: every attack already measured" in out and "nest:" not in out
+
+
+def test_methods_option_needs_a_comparison_folder(tmp_path):
+    from nestune.errors import NestuneError
+    from nestune.robustness import model_sides
+    from nestune.runfolder import RunFolder
+
+    cfg = load_config(overrides={"model": "smollm2-135m"}, environ={})
+    with pytest.raises(NestuneError, match="needs a `nestune compare` folder"):
+        model_sides(cfg, RunFolder(tmp_path / "run"), "lora")

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge")
     p.add_argument("--harmful", help="harmful prompts for re-detection and the refusal direction")
     p.add_argument("--benign", help="benign prompts for re-detection and the refusal direction")
+    p.add_argument("--methods", help="in a `nestune compare` folder: the methods whose models to attack "
+                                     "(comma list; default: every method with a folded model)")
 
     p = sub.add_parser("report", help="(re)build report.html and report.md of a run folder")
     p.add_argument("--out", "--run", dest="out", required=True)
@@ -214,7 +216,7 @@ def dispatch(args) -> None:
     elif cmd == "attack":
         from .robustness import attack_command
 
-        attack_command(cfg, cfg.out, args.robustness_attacks)
+        attack_command(cfg, cfg.out, args.robustness_attacks, args.methods)
     elif cmd == "compare":
         from .compare import run_compare
 

@@ -517,14 +517,17 @@ def parse_attacks(spec: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def model_sides(cfg: Config, run: RunFolder) -> list[tuple[str, str]]:
+def model_sides(cfg: Config, run: RunFolder, methods: str | None = None) -> list[tuple[str, str]]:
     """(side, model spec): the base model, then the hardened one when the run has folded it, or in a
-    `nestune compare` folder every method's folded model, each side named after its method."""
+    `nestune compare` folder each method's folded model (all, or those in `methods`), named after its method."""
     sides = [("base", cfg.model)]
+    if methods and not is_compare_folder(run):
+        raise NestuneError(f"--methods needs a `nestune compare` folder; '{run.path}' is a single run",
+                           "drop --methods, or pass --run DIR of a comparison")
     if is_compare_folder(run):
-        from .compare import METHODS
+        from .compare import METHODS, parse_methods
 
-        for method in METHODS:
+        for method in parse_methods(methods) if methods else METHODS:
             sub = RunFolder(run.path / "methods" / method)
             if sub.done("fold") and (sub.path / "fold" / "model").exists():
                 sides.append((method, str(sub.path / "fold" / "model")))
@@ -557,7 +560,8 @@ def _load_file(path: Path, name: str) -> dict:
     return {"attack": name, "models": {}}
 
 
-def run_robustness(cfg: Config, run: RunFolder, attacks: list[str], loaders: dict | None = None) -> dict:
+def run_robustness(cfg: Config, run: RunFolder, attacks: list[str], loaders: dict | None = None,
+                   methods: str | None = None) -> dict:
     """`nestune attack`: every attack on the base and the hardened model; RUN/attack/<name>.json per attack.
 
     `loaders` ({side: callable returning a LoadedModel}) replaces model loading (tests).
@@ -573,7 +577,7 @@ def run_robustness(cfg: Config, run: RunFolder, attacks: list[str], loaders: dic
     folder = run.stage("attack")
     names = ["none", *attacks]
     files = {name: _load_file(folder / f"{name}.json", name) for name in names}
-    sides = model_sides(cfg, run)
+    sides = model_sides(cfg, run, methods)
     if cfg.eval.max_new_tokens < 48:
         print(f"note: eval.max_new_tokens={cfg.eval.max_new_tokens} < 48 may miss late refusals (DESIGN.md 4)",
               flush=True)
@@ -666,10 +670,10 @@ def print_table(summary: dict) -> None:
     console().print(table)
 
 
-def attack_command(cfg: Config, out: str, attacks_spec: str | None) -> dict:
+def attack_command(cfg: Config, out: str, attacks_spec: str | None, methods: str | None = None) -> dict:
     """The CLI entry: run the attacks, print the table, rebuild the report (a comparison's, in a compare folder)."""
     run = RunFolder(out)
-    results = run_robustness(cfg, run, parse_attacks(attacks_spec))
+    results = run_robustness(cfg, run, parse_attacks(attacks_spec), methods=methods)
     print_table(robustness_summary(run.path))
     if is_compare_folder(run):
         from .compare import write_outputs
