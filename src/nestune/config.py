@@ -79,8 +79,9 @@ class EvalConfig:
     attacks: str = "default"  # default, all, or a comma list of template names plus none/prefill
     max_new_tokens: int = 64
     max_length: int = 2048  # prompt tokens; the longest default template (AIM) is ~450 tokens
-    # Rows per generation batch (and per utility forward). A decode step reads every weight once whatever the
-    # batch, so tokens/s grows with it (BENCHMARKS.md); one attack's behaviours fit one batch. Halved on OOM.
+    # Rows per generation batch (and per KL forward; multiple choice uses at most 16). A decode step reads every
+    # weight whatever the batch, so tokens/s grows with it (BENCHMARKS.md); one attack's behaviours fit one
+    # batch. Halved on out-of-memory.
     batch_size: int = 64
     judge: str = "refusal"  # refusal, hf:<classifier model>, openai:<base url>#<model>
     overrefusal: str = "overrefusal"

@@ -48,6 +48,9 @@ METRICS = "metrics.json"
 LATE_REFUSAL_BUDGET = 48  # DESIGN.md 4: fewer new tokens than this miss late refusals
 JUDGE_SETS = {"refusal-labels": "1", "jbb-judge": "0"}  # the label value that means refused / safe
 CHUNK_BATCHES = 4  # generations are appended to disk every this many batches
+# Choices per multiple-choice forward. Larger batches are slower here, unlike generation: ARC-E, ARC-C and MMLU
+# (60 questions each) took 62 s at 16 and 95 s at 64 on smollm2-135m, 2-core CPU.
+MC_BATCH_SIZE = 16
 
 
 @dataclass
@@ -332,7 +335,8 @@ def evaluate_model(loaded, cfg, out_dir: Path, behaviours=None, inputs: EvalInpu
                                                         ev.max_new_tokens, chunk))
     gsm_budget = ev.gsm8k_max_new_tokens
     gsm = timed("gsm8k", lambda: run_gsm8k(out_dir, inputs.gsm8k, generator, gsm_budget, chunk))
-    mc = timed("utility", lambda: run_mc(out_dir, loaded.model, loaded.tokenizer, inputs.mc_tasks, ev.batch_size))
+    mc_batch = min(ev.batch_size, MC_BATCH_SIZE)
+    mc = timed("utility", lambda: run_mc(out_dir, loaded.model, loaded.tokenizer, inputs.mc_tasks, mc_batch))
     logprobs = timed("kl", lambda: next_token_logprobs(loaded.model, loaded.tokenizer,
                                                        [p.text for p in inputs.kl_texts], ev.batch_size))
     if inputs.kl_texts:
