@@ -34,6 +34,10 @@ Artifacts in RUN/attack:
     refusal-direction/<side>.safetensors  the candidate directions (unit vectors), one per layer
     harmful-finetune/<side>/model  the fine-tuned, merged model (safetensors)
 
+The sides are "base" and "hardened" (RUN/fold/model). In a `nestune compare` folder they are "base" and each
+method's folded model (DIR/methods/<method>/fold/model), named after the method, and the table goes to the
+comparison's compare.json, compare.md and report.html.
+
 A model side whose entry exists with the same settings is skipped on a rerun, so a killed run resumes.
 """
 
