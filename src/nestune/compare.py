@@ -202,7 +202,7 @@ def write_outputs(cfg: Config, root: RunFolder, methods: list[str] | None = None
     write_text(root.path / "compare.md", render_markdown(result))
     plotted = plot_compare(result, root.path / "compare_plot.png")
     write_text(root.path / "report.html", render_html(result, root.path / "compare_plot.png" if plotted else None))
-    return {**result, "html": str(root.path / "report.html")}
+    return result
 
 
 def collect(cfg: Config, root: RunFolder, methods: list[str]) -> dict:

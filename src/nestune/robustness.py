@@ -682,10 +682,10 @@ def attack_command(cfg: Config, out: str, attacks_spec: str | None, methods: str
     if is_compare_folder(run):
         from .compare import write_outputs
 
-        paths = write_outputs(cfg, run)
+        write_outputs(cfg, run)
     else:
         from .report import build_report
 
-        paths = build_report(run)
-    print(f"results: {run.path / 'attack'}; report: {paths['html']}", flush=True)
+        build_report(run)
+    print(f"results: {run.path / 'attack'}; report: {run.path / 'report.html'}", flush=True)
     return results
