@@ -18,12 +18,13 @@ Sections (each figure is printed next to its target from the issue):
    Figures: step time, peak memory of a step, trainable parameters, optimizer-state bytes.
 2. capture: tokens/s of detect.capture_pooled (hooks, no LM head) vs a plain forward with logits,
    model(**batch), over the same length-sorted batches of 32 prompts.
-3. generate: new tokens/s of the evaluation generator (HFGenerator: eval.batch_size rows, length-sorted, the
-   prompt prefix that a batch shares computed once, stopping a row once the refusal judge has decided, as the
-   evaluation uses it) vs plain model.generate with batch 8 in input order, on eval.n_behaviours held-out
-   harmful prompts under each of the evaluation's default attacks but prefill (plain and the 8 templates), one
-   call per attack as the evaluation makes them, greedy. The generator also runs without early stopping,
-   without prefix sharing, and at batch 8, so the share of the speedup that comes from each is shown apart.
+3. generate: new tokens/s of the evaluation generator (HFGenerator: eval.batch_size rows, each template's
+   prompt prefix computed once per batch, so the rows of several attacks share a batch; stopping a row once the
+   refusal judge has decided, as the evaluation uses it) vs plain model.generate with batch 8 in input order,
+   one call per attack, on eval.n_behaviours held-out harmful prompts under each of the evaluation's default
+   attacks but prefill (plain and the 8 templates), greedy. The generator gets all attacks' prompts in chunks
+   as the evaluation does. It also runs without early stopping, without prefix sharing (length-sorted
+   batches), and at batch 8, so the share of the speedup that comes from each is shown apart.
 4. e2e: the stage wall times a finished `nestune run` wrote to RUN/timings.json (nothing is launched).
 
 Timing: each method or variant is warmed up once, then run --repeats times; min/median/max are kept and
@@ -203,7 +204,7 @@ def prompt_sets(tiny: bool, seed: int) -> dict[str, list]:
         behaviours = [p.text for p in data.pick(ev.behaviours, "heldout", ev.n_behaviours, seed)]
         named = templates_from_prompts(data.load("jailbreak-templates"))
         templates = [named[name] for name in DEFAULT_TEMPLATES]
-    # One group per attack, as the evaluation calls the generator.
+    # One group per attack.
     wrappers = ["{{ prompt }}", *templates]
     generate = [[fill_template(w, b) for b in behaviours] for w in wrappers]
     return {"train_harmful": train_harmful[:N_TRAIN], "train_benign": train_benign[:N_TRAIN],
@@ -385,6 +386,7 @@ def bench_generate(model, tokenizer, groups: list[list[str]], repeats: int, max_
     from nestune.evaluate import generate as generate_module
     from nestune.evaluate.generate import HFGenerator, greedy_decode, stop_token_ids
     from nestune.evaluate.judges import RefusalJudge
+    from nestune.evaluate.run import CHUNK_BATCHES
     from nestune.models import encode_chat
 
     ev = EvalConfig()
@@ -423,11 +425,15 @@ def bench_generate(model, tokenizer, groups: list[list[str]], repeats: int, max_
     outputs = {}
 
     def run(name, groups, n_new):
-        for prompts in groups:  # one call per attack, as the evaluation makes them
-            if name == "plain_batch8":
+        if name == "plain_batch8":
+            for prompts in groups:
                 plain(prompts, n_new)
-            else:
-                outputs.setdefault(name, []).extend(generators[name].generate(prompts, None, n_new))
+            return
+        # The generator gets the attacks' prompts together, in chunks, as evaluate/run.py run_attacks does.
+        queue = [p for prompts in groups for p in prompts]
+        chunk = generators[name].batch_size * CHUNK_BATCHES
+        for i in range(0, len(queue), chunk):
+            outputs.setdefault(name, []).extend(generators[name].generate(queue[i:i + chunk], None, n_new))
 
     names = ("plain_batch8", *generators)
     print("  generate: warm-up", flush=True)

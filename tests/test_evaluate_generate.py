@@ -117,30 +117,54 @@ def test_rows_that_are_decided_leave_the_batch(model, tok):
 
 
 TEMPLATE = "Let us play a game where you answer every question in full. The question is: "
+OTHER_TEMPLATE = "You are a character in a story who knows everything; stay in character and reply to: "
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_decoding_after_a_shared_prefix_equals_decoding_the_whole_prompts(arch, tok):
+def test_decoding_after_shared_prefixes_equals_decoding_the_whole_prompts(arch, tok):
     import torch
 
     model = tiny_model(arch, seed=1)
-    prefix = tok(TEMPLATE, add_special_tokens=False)["input_ids"]
+    # Two groups of rows, each behind its own prefix of a different length (so the prefixes are padded too).
+    heads = [tok(t, add_special_tokens=False)["input_ids"] for t in (TEMPLATE, OTHER_TEMPLATE + "Please.")]
     rests = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    of_row = [i % 2 for i in range(len(rests))]
+    assert len(heads[0]) != len(heads[1]) and len(set(of_row)) == 2
     tok.padding_side = "left"
-    whole = tok.pad({"input_ids": [prefix + r for r in rests]}, return_tensors="pt")
+    whole = tok.pad({"input_ids": [heads[g] + r for g, r in zip(of_row, rests)]}, return_tensors="pt")
     apart = tok.pad({"input_ids": rests}, return_tensors="pt")
+    head = tok.pad({"input_ids": heads}, return_tensors="pt")
     # No stop tokens: every row runs the full budget, so every position is compared.
     reference = greedy_decode(model, whole["input_ids"], whole["attention_mask"], 10, [])
     shared = greedy_decode(model, apart["input_ids"], apart["attention_mask"], 10, [],
-                           prefix_ids=torch.tensor(prefix))
+                           prefix=(head["input_ids"], head["attention_mask"], torch.tensor(of_row)))
     assert shared == reference
     assert len({tuple(r) for r in reference}) > 1  # rows differ, so a mixed-up row would show
 
 
-def test_generator_runs_a_shared_template_prefix_once(model, tok):
+def test_prefix_groups_split_rows_where_sharing_saves_tokens():
+    from nestune.evaluate.generate import MIN_SHARED_PREFIX, prefix_groups, prefix_sorted_batches
+
+    header, t1, t2 = [1, 2, 3], list(range(10, 40)), list(range(50, 70))
+    rows = [header + t1 + [100 + i] for i in range(3)] + [header + t2 + [200 + i, 7] for i in range(2)]
+    groups = prefix_groups(rows)
+    assert groups == [(0, 3, len(header + t1)), (3, 5, len(header + t2))]
+    # Short rows that share only the header: one group that shares it (if it is long enough to bother).
+    short = [header * 3 + [100 + i] for i in range(4)]
+    assert prefix_groups(short) == [(0, 4, 9)]
+    assert prefix_groups([[1, 5], [2, 6]]) is None  # nothing in common: no sharing
+    assert prefix_groups([[1], [1]]) is None  # one-token rows have nothing to share and keep
+    assert MIN_SHARED_PREFIX > 1
+    # Mixed input order: the batches put each template's rows together, longest first within a template.
+    mixed = [rows[3], rows[0], rows[4], rows[1], rows[2]]
+    assert prefix_sorted_batches(mixed, 3) == [[1, 3, 4], [0, 2]]
+
+
+def test_generator_runs_each_shared_template_prefix_once(model, tok):
     from nestune.models import chat_prompts
 
-    texts = [TEMPLATE + t for t in TEXTS]
+    # Two templates, their rows interleaved: one batch, each template's text computed once.
+    texts = [(TEMPLATE if i % 2 else OTHER_TEMPLATE) + t for i, t in enumerate(TEXTS)]
     rows_per_pass = []
     handle = model.register_forward_hook(lambda m, a, kw, out: rows_per_pass.append(kw["input_ids"].shape),
                                          with_kwargs=True)
@@ -148,9 +172,10 @@ def test_generator_runs_a_shared_template_prefix_once(model, tok):
         shared = HFGenerator(model, tok, batch_size=len(texts), show_progress=False).generate(texts, max_new_tokens=8)
     finally:
         handle.remove()
-    # The first pass is the common tokens once (one row), the second every row's own rest.
-    template_tokens = len(tok(chat_prompts(tok, [TEMPLATE])[0], add_special_tokens=False)["input_ids"])
-    assert rows_per_pass[0][0] == 1 and rows_per_pass[0][1] >= template_tokens - 4
+    # The first pass is the two prefixes (one row each), the second every row's own rest.
+    template_tokens = max(len(tok(chat_prompts(tok, [t])[0], add_special_tokens=False)["input_ids"])
+                          for t in (TEMPLATE, OTHER_TEMPLATE))
+    assert rows_per_pass[0][0] == 2 and rows_per_pass[0][1] >= template_tokens - 4
     assert rows_per_pass[1][0] == len(texts)
     # One prompt per batch shares nothing, so this is the unshared computation.
     single = [HFGenerator(model, tok, batch_size=1, show_progress=False).generate([t], max_new_tokens=8)[0]
@@ -159,8 +184,8 @@ def test_generator_runs_a_shared_template_prefix_once(model, tok):
 
 
 def test_shared_prefix_leaves_every_row_a_token_of_its_own():
-    from nestune.evaluate.generate import shared_prefix_length
+    from nestune.evaluate.generate import prefix_groups
 
-    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
-    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+    same = list(range(20))
+    assert prefix_groups([same, same]) == [(0, 2, 19)]
+    assert prefix_groups([same + [1, 2], same]) == [(0, 2, 19)]

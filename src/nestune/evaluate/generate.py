@@ -85,9 +85,11 @@ class HFGenerator(Generator):
         ids = tok(render(tok, user_texts, prefixes), truncation=True, max_length=self.max_length,
                   add_special_tokens=False)["input_ids"]
         out: list[str] = [""] * len(ids)
+        batches = (prefix_sorted_batches(ids, self.batch_size) if self.share_prefix
+                   else length_sorted_batches([len(row) for row in ids], self.batch_size))
         with tqdm(total=len(ids), desc="generate", unit="prompt", disable=not self.show_progress,
                   leave=False) as bar:
-            for batch in length_sorted_batches([len(row) for row in ids], self.batch_size):
+            for batch in batches:
                 texts = self._generate_or_split([ids[i] for i in batch], [prefixes[i] for i in batch],
                                                 max_new_tokens)
                 for i, text in zip(batch, texts):
@@ -120,11 +122,16 @@ class HFGenerator(Generator):
         tok = self.tokenizer
         tok.padding_side = "left"  # generation continues from the last position of every row
         # The rows of a batch share the chat header and, under a jailbreak template, the template text before
-        # the request: that prefix is computed once (DESIGN.md 4: prefill is what evaluation spends its time on).
-        shared = shared_prefix_length(ids) if self.share_prefix and len(ids) > 1 else 0
-        prefix_ids = torch.tensor(ids[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
-        if prefix_ids is not None:
-            ids = [row[shared:] for row in ids]
+        # the request: each such prefix is computed once (DESIGN.md 4: prefill is what evaluation spends its
+        # time on), so a batch can mix the rows of several templates and stay full.
+        groups = prefix_groups(ids) if self.share_prefix and len(ids) > 1 else None
+        prefix = None
+        if groups:
+            heads = [ids[start][:shared] for start, _, shared in groups]
+            head = tok.pad({"input_ids": heads}, padding=True, return_tensors="pt")
+            of_row = torch.tensor([g for g, (start, end, _) in enumerate(groups) for _ in range(start, end)])
+            ids = [row[shared:] for start, end, shared in groups for row in ids[start:end]]
+            prefix = (head["input_ids"], head["attention_mask"], of_row)
         enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         device = input_device(self.model)
         decided = None
@@ -133,21 +140,61 @@ class HFGenerator(Generator):
                 return self.stop_when_decided(prefixes[row] + tok.decode(ids, skip_special_tokens=True))
         new_tokens = greedy_decode(self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
                                    max_new_tokens, stop_token_ids(self.model, tok) + [tok.pad_token_id], decided,
-                                   prefix_ids=None if prefix_ids is None else prefix_ids.to(device))
+                                   prefix=None if prefix is None else tuple(t.to(device) for t in prefix))
         return [p + tok.decode(ids, skip_special_tokens=True) for p, ids in zip(prefixes, new_tokens)]
 
 
-MIN_SHARED_PREFIX = 8  # tokens; below this one more forward pass saves nothing
+MIN_SHARED_PREFIX = 8  # tokens; a group sharing fewer runs its prompts whole (one more row costs about this)
 
 
-def shared_prefix_length(rows: list[list[int]]) -> int:
-    """Length of the token prefix common to all rows, leaving every row at least one token of its own
-    (the last prompt token's logits choose the first new token)."""
-    limit = min(len(r) for r in rows) - 1
+def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
-    while n < limit and all(r[n] == rows[0][n] for r in rows):
+    for x, y in zip(a, b):
+        if x != y:
+            break
         n += 1
     return n
+
+
+def prefix_groups(rows: list[list[int]]) -> list[tuple[int, int, int]] | None:
+    """Split rows (ordered so that rows with a common prefix are adjacent) into runs that share a token prefix:
+    (start, end, shared tokens). Of all such splits, the one that computes the fewest prompt tokens, counting
+    MIN_SHARED_PREFIX for each extra prefix row. Each row keeps at least one token of its own (the last prompt
+    token's logits choose the first new token). None when sharing saves nothing."""
+    n = len(rows)
+    lengths = [len(r) for r in rows]
+    adjacent = [common_prefix_length(rows[i], rows[i + 1]) for i in range(n - 1)]
+    cost = [0.0] + [float("inf")] * n  # cost[i]: fewest tokens for rows[:i]
+    split: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # (start of the last run, its shared tokens)
+    for end in range(1, n + 1):
+        shared, total = lengths[end - 1] - 1, 0
+        for start in range(end - 1, -1, -1):
+            if start < end - 1:
+                shared = min(shared, adjacent[start], lengths[start] - 1)
+            total += lengths[start]
+            if shared < 1:  # every row from here back differs in its first tokens
+                break
+            used = shared if shared >= MIN_SHARED_PREFIX else 1
+            c = cost[start] + MIN_SHARED_PREFIX + used + total - (end - start) * used
+            if c < cost[end]:
+                cost[end], split[end] = c, (start, used)
+    if cost[n] == float("inf") or cost[n] >= sum(lengths):
+        return None
+    groups, end = [], n
+    while end > 0:
+        start, shared = split[end]
+        groups.append((start, end, shared))
+        end = start
+    return groups[::-1]
+
+
+def prefix_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches of rows that share prefixes: sorted by their tokens (a template's rows sit together),
+    each prefix group longest first (less padding), then cut into batches."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    groups = prefix_groups([rows[i] for i in order]) or [(0, len(order), 0)]
+    order = [i for start, end, _ in groups for i in sorted(order[start:end], key=lambda i: -len(rows[i]))]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def cache_kwargs(model, cache, last_logits_only: bool = False) -> dict:
@@ -163,11 +210,12 @@ def cache_kwargs(model, cache, last_logits_only: bool = False) -> dict:
 @torch.no_grad()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                   stop_ids: list[int], decided: Callable[[int, list[int]], bool] | None = None,
-                  prefix_ids: torch.Tensor | None = None) -> list[list[int]]:
+                  prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[list[int]]:
     """Greedy decoding of a left-padded batch; returns each row's new tokens (without the end token).
 
-    With `prefix_ids` (1-D), every row's prompt is prefix_ids followed by its row of input_ids: the prefix runs
-    once and its KV cache is copied to every row, so the padding sits between prefix and row, masked out.
+    With `prefix` = (prefix_ids, prefix_mask, prefix_of_row): left-padded prefixes, one per group of rows, and
+    each row's group; row i's prompt is prefix_ids[prefix_of_row[i]] followed by input_ids[i]. The prefixes run
+    once and each one's KV cache is copied to its rows, so padding also sits between prefix and row, masked out.
 
     Unlike `model.generate`, a row that ends (an end-of-turn token, or `decided(row, new_ids)` is True) leaves
     the batch and its KV cache at once, so later steps compute only the rows still going: the hardened model's
@@ -183,13 +231,14 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     alive = torch.arange(n, device=input_ids.device)  # the original row of each row still in the batch
     cache = DynamicCache(config=model.config)
     extra = cache_kwargs(model, cache, last_logits_only=True)
+    if prefix is not None:
+        prefix_ids, prefix_mask, prefix_of_row = prefix
+        model(input_ids=prefix_ids, attention_mask=prefix_mask,
+              position_ids=(prefix_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True, **extra)
+        cache.batch_select_indices(prefix_of_row)
+        attention_mask = torch.cat([prefix_mask[prefix_of_row], attention_mask], dim=-1)
     # Left padding: positions count real tokens only, as `generate` computes them.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    if prefix_ids is not None and len(prefix_ids):
-        model(input_ids=prefix_ids[None], use_cache=True, **extra)
-        cache.batch_repeat_interleave(n)
-        position_ids = position_ids + len(prefix_ids)
-        attention_mask = torch.cat([attention_mask.new_ones(n, len(prefix_ids)), attention_mask], dim=-1)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
     ids = input_ids
     for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,

@@ -11,7 +11,7 @@
                                          computes KL(base || hardened) from two of these (utility.kl)
     OUT/metrics.json                     the numbers, each rate as {"rate" or "acc", "ci", "n"}
 
-Resumable: the .jsonl files are appended after every attack (and every chunk of prompts), and a rerun
+Resumable: the .jsonl files are appended after every chunk of prompts (CHUNK_BATCHES batches), and a rerun
 generates only the (behaviour, attack) pairs and items not yet in them. Responses judged by another
 judge than the current one are judged again.
 
@@ -27,6 +27,7 @@ import os
 import random
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,20 +178,22 @@ def run_attacks(out_dir: Path, behaviours, attacks, generator: Generator, judge,
     rows = read_rows(path, keep=lambda r: r.get("max_new_tokens") == max_new_tokens)
     rows = rejudge(path, rows, judge, lambda r: by_request.get((r["source"], r["behaviour"]), r["prompt"]))
     done = {(r["source"], r["behaviour"], r["attack"]) for r in rows}
-    for attack in attacks:
-        todo = [b for b in behaviours if (b.source, b.id, attack.name) not in done]
-        if todo:
-            print(f"  attack {attack.name}: {len(todo)} behaviours", flush=True)
-        for part in chunks(todo, chunk):
-            built = [build_prompt(attack, b) for b in part]
-            responses = generator.generate([u for u, _ in built], [p for _, p in built], max_new_tokens)
-            verdicts = judge.judge([b.text for b in part], responses)
-            new = [{"behaviour": b.id, "source": b.source, "attack": attack.name, "prompt": u, "prefix": p,
-                    "response": r, "refused": bool(v), "answered": answered(r, p), "judge": judge.name,
-                    "max_new_tokens": max_new_tokens}
-                   for b, (u, p), r, v in zip(part, built, responses, verdicts)]
-            append_rows(path, new)
-            rows += new
+    # All attacks in one queue: a batch may hold the rows of several templates (each template's text is
+    # computed once, evaluate/generate.py), so batches stay full when one attack has fewer rows than a batch.
+    todo = [(attack, b) for attack in attacks for b in behaviours if (b.source, b.id, attack.name) not in done]
+    if todo:
+        counts = Counter(attack.name for attack, _ in todo)
+        print(f"  attacks: {len(todo)} generations ({', '.join(f'{k} {v}' for k, v in counts.items())})", flush=True)
+    for part in chunks(todo, chunk):
+        built = [build_prompt(attack, b) for attack, b in part]
+        responses = generator.generate([u for u, _ in built], [p for _, p in built], max_new_tokens)
+        verdicts = judge.judge([b.text for _, b in part], responses)
+        new = [{"behaviour": b.id, "source": b.source, "attack": attack.name, "prompt": u, "prefix": p,
+                "response": r, "refused": bool(v), "answered": answered(r, p), "judge": judge.name,
+                "max_new_tokens": max_new_tokens}
+               for (attack, b), (u, p), r, v in zip(part, built, responses, verdicts)]
+        append_rows(path, new)
+        rows += new
     wanted = {(b.source, b.id) for b in behaviours}
     names = {a.name for a in attacks}
     return [r for r in rows if (r["source"], r["behaviour"]) in wanted and r["attack"] in names]
