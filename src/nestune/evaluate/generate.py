@@ -52,7 +52,9 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 class HFGenerator(Generator):
-    """Greedy, batched generation with transformers' `generate`, left padding, length-sorted batches."""
+    """Greedy, batched generation (our loop, equal to transformers' greedy `generate`), left padding. Batches
+    group prompts that share a prefix (each prefix computed once per batch), longest first within a group;
+    without prefix sharing, batches are length-sorted."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int = DEFAULT_MAX_LENGTH,
                  stop_when_decided: Callable[[str], bool] | None = None, show_progress: bool = True,
