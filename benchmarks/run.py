@@ -464,8 +464,8 @@ def bench_generate(model, tokenizer, groups: list[list[str]], repeats: int, max_
         variants[name] = {"wall_s": times[name], "new_tokens": new, "token_slots": slots,
                           "tokens_per_s": new / times[name]["median"]}
     refused = sum(judge.refused(text) for text in outputs["generator_early_stop"])
-    return {"prompts": n_prompts, "attacks": len(groups), "generator_calls": "queued", "max_new_tokens": max_new_tokens,
-            "batch_size": ev.batch_size, "plain_batch_size": PLAIN_BATCH_SIZE, "judge": judge.name, "rows_stopped_by_judge": refused,
+    return {"prompts": n_prompts, "attacks": len(groups), "max_new_tokens": max_new_tokens, "batch_size": ev.batch_size,
+            "plain_batch_size": PLAIN_BATCH_SIZE, "judge": judge.name, "rows_stopped_by_judge": refused,
             "variants": variants}
 
 
@@ -573,8 +573,8 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     if "generate" in results:
         g = results["generate"]
         title = (f"Evaluation generation ({g.get('model', results['model'])}): {g['prompts']} prompts"
-                 + (f" ({g['attacks']} attacks; " + ("the generator gets them queued together, plain generate one call "
-                    "per attack)" if g.get("generator_calls") == "queued" else "one call each)") if "attacks" in g else "")
+                 + (f" ({g['attacks']} attacks: the generator gets them queued together, plain generate one call "
+                    "per attack)" if "attacks" in g else "")
                  + f", up to {g['max_new_tokens']} new tokens, greedy; "
                  f"early stop by {g['judge']} ended {g['rows_stopped_by_judge']} rows")
         out.append((title, ["variant", "wall s (min / median / max)", "new tokens", "token slots computed",

@@ -180,7 +180,7 @@ def prefix_groups(rows: list[list[int]]) -> list[tuple[int, int, int]] | None:
             c = cost[start] + MIN_SHARED_PREFIX + used + total - (end - start) * used
             if c < cost[end]:
                 cost[end], split[end] = c, (start, used)
-    if cost[n] == float("inf") or cost[n] >= sum(lengths):
+    if cost[n] >= sum(lengths):  # also when no split exists (cost inf)
         return None
     groups, end = [], n
     while end > 0:
