@@ -36,6 +36,7 @@ from .train import (
     Example,
     is_main,
     load_for_training,
+    model_inputs,
     response_loss,
     row_counts,
     tokenize_examples,
@@ -304,7 +305,7 @@ def cb_examples(tokenizer, rows: list[dict], max_length: int) -> tuple[list[Exam
 def hidden_states(peft_model, batch) -> tuple[torch.Tensor, ...]:
     """All hidden states of the decoder alone (the LM head's logits are not needed)."""
     decoder = peft_model.get_base_model().base_model
-    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    out = decoder(**model_inputs(batch), output_hidden_states=True)
     return out.hidden_states
 
 

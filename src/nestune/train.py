@@ -20,6 +20,7 @@ process writes artifacts and shows progress (see `launched_accelerator` and `tra
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -162,19 +163,37 @@ def tokenize_examples(tokenizer, rows: list[dict], max_length: int) -> list[Exam
 
 
 def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch (training needs no generation, so no left padding)."""
+    """Left-pad a batch, so every response ends at the right edge and the LM head need only run on the last
+    `logits_width(batch)` positions (`response_loss`); positions count real tokens only, as in generation."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
+        ids[i, width - n:] = torch.tensor(e.input_ids)
+        labels[i, width - n:] = torch.tensor(e.labels)
+        mask[i, width - n:] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     benign = torch.tensor([e.benign for e in examples])
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-            "benign": benign.to(device)}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device),
+            "labels": labels.to(device), "benign": benign.to(device)}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+
+def logits_width(batch: dict[str, torch.Tensor]) -> int:
+    """Positions, counted from the right, whose logits predict a response token: the longest response + 1."""
+    width = batch["labels"].shape[1]
+    labelled = (batch["labels"] != -100).any(0).nonzero()
+    return min(width, width - int(labelled[0]) + 1) if len(labelled) else 1
+
+
+def accepts_logits_to_keep(model) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,8 +207,16 @@ def response_loss(model, batch, cfg: Config, reference=None) -> torch.Tensor:
     or (benign_loss = "kl") KL(original || adapted) of the next-token distributions on the answer tokens,
     where `reference()` is a context in which the model is the original one (adapter disabled).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
+    # Logits only where they predict a response token: the LM head and the softmax over the vocabulary are a
+    # large share of a small model's step, and most positions are prompt.
+    keep = logits_width(batch)
+    extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
+
+    def response_logits():
+        return model(**model_inputs(batch), **extra).logits[:, -keep:][:, :-1]
+
+    logits = response_logits()
+    labels = batch["labels"][:, batch["labels"].shape[1] - keep + 1:]
     mask = (labels != -100).float()
     ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
     per_token = ce
@@ -197,7 +224,7 @@ def response_loss(model, batch, cfg: Config, reference=None) -> torch.Tensor:
         if reference is None:
             raise NestuneError("benign_loss 'kl' needs the original model", "use benign_loss = 'answer'")
         with torch.no_grad(), reference():
-            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            ref = response_logits()
         kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(ref.float(), -1), log_target=True,
                       reduction="none").sum(-1)
         per_token = torch.where(batch["benign"][:, None], kl, ce)
