@@ -8,6 +8,7 @@ from nestune.evaluate.generate import (
     greedy_decode,
     length_sorted_batches,
     make_generator,
+    preallocated_cache,
     stop_token_ids,
 )
 from nestune.testing import TINY_ARCHS, tiny_model, tiny_tokenizer
@@ -189,3 +190,24 @@ def test_shared_prefix_leaves_every_row_a_token_of_its_own():
     same = list(range(20))
     assert prefix_groups([same, same]) == [(0, 2, 19)]
     assert prefix_groups([same + [1, 2], same]) == [(0, 2, 19)]
+
+
+def test_preallocated_cache_grows_past_its_room_and_keeps_what_a_dynamic_cache_keeps():
+    import torch
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    grown, plain = preallocated_cache(model, room=2), DynamicCache(config=model.config)
+    assert type(grown.layers[0]).__name__ == "PreallocatedLayer"
+    torch.manual_seed(0)
+    for length in (5, 1, 1, 1, 3, 1):  # the room of 2 runs out twice
+        k, v = torch.randn(3, 2, length, 16), torch.randn(3, 2, length, 16)
+        got, expected = grown.update(k, v, 0), plain.update(k, v, 0)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    rows = torch.tensor([2, 0])
+    grown.batch_select_indices(rows)
+    plain.batch_select_indices(rows)
+    k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    got, expected = grown.update(k, v, 0), plain.update(k, v, 0)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert grown.get_seq_length() == plain.get_seq_length() == 13
