@@ -208,7 +208,7 @@ def response_loss(model, batch, cfg: Config, reference=None) -> torch.Tensor:
     where `reference()` is a context in which the model is the original one (adapter disabled).
     """
     # Logits only where they predict a response token: the LM head and the softmax over the vocabulary are a
-    # large share of a small model's step, and most positions are prompt.
+    # large share of a small model's step, and about half the positions are prompt.
     keep = logits_width(batch)
     extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
 
