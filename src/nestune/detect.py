@@ -40,6 +40,7 @@ from .models import (
     ffn_targets,
     get_module,
     input_device,
+    position_ids,
     with_batch_backoff,
 )
 from .runfolder import RunFolder
@@ -67,12 +68,6 @@ def masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Max over the token axis of (batch, tokens, n), counting only positions where mask (batch, tokens) is 1."""
     keep = mask.to(device=values.device, dtype=torch.bool)[..., None]
     return values.masked_fill(~keep, float("-inf")).amax(dim=1)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Left padding shifts a prompt's tokens to the right; counting positions from its first real token keeps
-    # them where they would be without padding (transformers' own default counts from the padded start).
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget], batch_size: int,

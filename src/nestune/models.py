@@ -401,6 +401,12 @@ def encode_chat(tokenizer, texts: list[str], max_length: int, device="cpu", syst
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token of each left-padded row, as `generate` computes them
+    (transformers' own default counts from the padded start)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def input_device(model) -> torch.device:
     """Where inputs go: the embedding's device (differs from model.device under device_map).
 

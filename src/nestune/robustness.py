@@ -284,7 +284,7 @@ def candidate_layers(n_layers: int) -> list[int]:
 def last_token_residuals(model: nn.Module, tokenizer, texts: list[str], layers: list[int], batch_size: int,
                          max_length: int) -> dict[int, torch.Tensor]:
     """Residual stream at the input of each given layer, at the last prompt token: {layer: (n, d_model)}."""
-    from .detect import position_ids
+    from .models import position_ids
 
     blocks = decoder_layers(model)
     got: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}

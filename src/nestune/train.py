@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .errors import NestuneError
 from .io import read_json, save_tensors, write_json, write_text
-from .models import LoadedModel, chat_prompts, input_device
+from .models import LoadedModel, chat_prompts, input_device, position_ids
 from .runfolder import RunFolder
 
 DEFAULT_OPENING = "Sure, here is"
@@ -174,9 +174,8 @@ def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Ten
         ids[i, width - n:] = torch.tensor(e.input_ids)
         labels[i, width - n:] = torch.tensor(e.labels)
         mask[i, width - n:] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     benign = torch.tensor([e.benign for e in examples])
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device),
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids(mask).to(device),
             "labels": labels.to(device), "benign": benign.to(device)}
 
 

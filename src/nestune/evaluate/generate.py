@@ -16,6 +16,7 @@ import torch
 
 from ..errors import NestuneError
 from ..models import chat_prompts, input_device, is_out_of_memory
+from ..models import position_ids as left_padded_positions
 
 DEFAULT_MAX_LENGTH = 2048  # prompt tokens; the longest default template (AIM) is ~450 tokens
 
@@ -221,8 +222,8 @@ def preallocated_cache(model, room: int):
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-                self.buffers, self.length = None, 0
-            n, q = self.length, key_states.shape[-2]
+                self.buffers = None
+            n, q = self.get_seq_length(), key_states.shape[-2]
             if self.buffers is None or n + q > self.buffers[0].shape[-2]:
                 grown = []
                 for old, new in ((self.keys, key_states), (self.values, value_states)):
@@ -234,14 +235,14 @@ def preallocated_cache(model, room: int):
                 self.buffers = grown
             self.buffers[0][..., n:n + q, :] = key_states
             self.buffers[1][..., n:n + q, :] = value_states
-            self.length = n + q
-            self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
+            self.keys, self.values = (b[..., :n + q, :] for b in self.buffers)
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             if self.is_initialized and self.buffers is not None:
+                n = self.get_seq_length()
                 self.buffers = [b[indices] for b in self.buffers]
-                self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
+                self.keys, self.values = (b[..., :n, :] for b in self.buffers)
 
         def crop(self, tokens_to_remove: int) -> None:
             raise NotImplementedError("greedy_decode never crops its cache")
@@ -282,11 +283,11 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     if prefix is not None:
         prefix_ids, prefix_mask, prefix_of_row = prefix
         model(input_ids=prefix_ids, attention_mask=prefix_mask,
-              position_ids=(prefix_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True, **extra)
+              position_ids=left_padded_positions(prefix_mask), use_cache=True, **extra)
         cache.batch_select_indices(prefix_of_row)
         attention_mask = torch.cat([prefix_mask[prefix_of_row], attention_mask], dim=-1)
     # Left padding: positions count real tokens only, as `generate` computes them.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+    position_ids = left_padded_positions(attention_mask)[:, -input_ids.shape[1]:]
     ids = input_ids
     for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,

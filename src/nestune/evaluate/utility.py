@@ -19,7 +19,7 @@ import re
 import torch
 
 from ..errors import NestuneError
-from ..models import encode_chat, input_device
+from ..models import encode_chat, input_device, position_ids
 from .metrics import accuracy
 
 # ---------------------------------------------------------------------------------------------------------
@@ -34,12 +34,6 @@ def mc_requests(items) -> list[tuple[int, int, str, str]]:
     """(item index, choice index, context, continuation) for every choice of every item."""
     return [(i, j, mc_prompt(item.question), " " + str(choice).strip())
             for i, item in enumerate(items) for j, choice in enumerate(item.choices)]
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on the first real token of each left-padded row (as `generate` computes)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)
 
 
 @torch.no_grad()
@@ -86,7 +80,7 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[str, str]], bat
             ctx[g, width - len(ids):] = torch.tensor(ids)
             ctx_mask[g, width - len(ids):] = 1
         ctx, ctx_mask = ctx.to(device), ctx_mask.to(device)
-        out = model(input_ids=ctx, attention_mask=ctx_mask, position_ids=position_ids_for(ctx_mask), use_cache=True,
+        out = model(input_ids=ctx, attention_mask=ctx_mask, position_ids=position_ids(ctx_mask), use_cache=True,
                     **cache_kwargs(model, cache, last_logits_only=True))
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         # 2. Each context's cache copied to each of its continuations, which run right-padded after it.
@@ -173,7 +167,7 @@ def next_token_logprobs(model, tokenizer, texts: list[str], batch_size: int = 8,
     for start in range(0, len(texts), batch_size):
         enc = encode_chat(tokenizer, texts[start : start + batch_size], max_length, device=device)
         mask = enc["attention_mask"]
-        logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids_for(mask),
+        logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
                        logits_to_keep=1).logits[:, -1].float()
         rows.append(torch.log_softmax(logits, dim=-1).cpu())
     if not rows:
