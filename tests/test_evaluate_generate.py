@@ -5,6 +5,7 @@ import pytest
 from nestune.errors import NestuneError
 from nestune.evaluate.generate import (
     HFGenerator,
+    even_batches,
     greedy_decode,
     length_sorted_batches,
     make_generator,
@@ -30,6 +31,14 @@ def test_length_sorted_batches_cover_every_index_once():
     batches = length_sorted_batches([3, 9, 1, 7, 5], 2)
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
     assert batches[0] == [1, 3]  # longest first
+
+
+def test_even_batches_are_as_few_as_the_size_allows_and_equal():
+    assert [len(b) for b in even_batches(list(range(240)), 64)] == [60, 60, 60, 60]
+    assert [len(b) for b in even_batches(list(range(240)), 256)] == [240]
+    assert [len(b) for b in even_batches(list(range(7)), 3)] == [3, 2, 2]
+    assert even_batches([], 8) == []
+    assert [i for b in even_batches(list(range(130)), 64) for i in b] == list(range(130))
 
 
 def test_batched_equals_unbatched(model, tok):

@@ -80,9 +80,10 @@ class EvalConfig:
     max_new_tokens: int = 64
     max_length: int = 2048  # prompt tokens; the longest default template (AIM) is ~450 tokens
     # Rows per generation batch (and per KL forward; multiple choice uses at most 16). A decode step reads every
-    # weight whatever the batch, so tokens/s grows with it (BENCHMARKS.md); one attack's behaviours fit one
+    # weight whatever the batch, so tokens/s grows with it (smollm2 on CPU, 443-token attack prompts: 129
+    # tokens/s at 64 rows, 169 at 256; BENCHMARKS.md): the default evaluation's 240 attack prompts make one
     # batch. Halved on out-of-memory.
-    batch_size: int = 64
+    batch_size: int = 256
     judge: str = "refusal"  # refusal, hf:<classifier model>, openai:<base url>#<model>
     overrefusal: str = "overrefusal"
     n_overrefusal: int = 40
