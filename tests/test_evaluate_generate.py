@@ -126,6 +126,31 @@ def test_rows_that_are_decided_leave_the_batch(model, tok):
     assert rows_per_pass[0] == 4 and rows_per_pass[1] == 2  # the two decided rows left after the first pass
 
 
+def test_ended_rows_leave_a_large_batch_in_groups_of_an_eighth(model, tok):
+    texts = [f"{t} number {i}" for i in range(3) for t in TEXTS][:16]
+
+    def passes(prefixes):
+        rows_per_pass = []
+        handle = model.register_forward_hook(lambda m, a, kw, out: rows_per_pass.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+        try:
+            gen = HFGenerator(model, tok, batch_size=16, show_progress=False, share_prefix=False,
+                              stop_when_decided=lambda text: text.startswith("STOP"))
+            out = gen.generate(texts, prefixes, 6)
+        finally:
+            handle.remove()
+        return out, rows_per_pass
+
+    one, one_passes = passes(["STOP"] + ["go"] * 15)
+    two, two_passes = passes(["STOP", "STOP"] + ["go"] * 14)
+    assert one_passes == [16] * 6  # one ended row of 16 stays (computed, ignored) ...
+    assert two_passes == [16] + [14] * 5  # ... two (an eighth) leave together
+    full = HFGenerator(model, tok, batch_size=16, show_progress=False).generate(texts, ["go"] * 16, 6)
+    assert one[1:] == full[1:] and two[2:] == full[2:]  # the rows still going are unchanged either way
+    first_token = HFGenerator(model, tok, batch_size=1, show_progress=False).generate(texts[:1], ["STOP"], 1)[0]
+    assert one[0] == two[0] == first_token  # decided after its first token, whether it left or stayed
+
+
 TEMPLATE = "Let us play a game where you answer every question in full. The question is: "
 OTHER_TEMPLATE = "You are a character in a story who knows everything; stay in character and reply to: "
 
@@ -165,6 +190,12 @@ def test_prefix_groups_split_rows_where_sharing_saves_tokens():
     assert prefix_groups([[1, 5], [2, 6]]) is None  # nothing in common: no sharing
     assert prefix_groups([[1], [1]]) is None  # one-token rows have nothing to share and keep
     assert MIN_SHARED_PREFIX > 1
+    # A prefix costs as much as the widest one (they run as one padded batch): rows that share only a header,
+    # beside a long template, form one group rather than one per pair that begins alike.
+    long = [header * 3 + list(range(10, 70)) + [100 + i] for i in range(3)]
+    pairs = [header * 3 + [300 + k] * 12 + [400 + i] for k in range(2) for i in range(2)]
+    assert prefix_groups(long + pairs) == [(0, 3, 69), (3, 7, 9)]
+    assert prefix_groups(pairs) == [(0, 2, 21), (2, 4, 21)]  # alone, the pairs are worth a prefix each
     # Mixed input order: the batches put each template's rows together, longest first within a template.
     mixed = [rows[3], rows[0], rows[4], rows[1], rows[2]]
     assert prefix_sorted_batches(mixed, 3) == [[1, 3, 4], [0, 2]]

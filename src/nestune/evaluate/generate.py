@@ -156,7 +156,7 @@ class HFGenerator(Generator):
         return [p + tok.decode(ids, skip_special_tokens=True) for p, ids in zip(prefixes, new_tokens)]
 
 
-MIN_SHARED_PREFIX = 8  # tokens; a group sharing fewer runs its prompts whole (one more row costs about this)
+MIN_SHARED_PREFIX = 8  # tokens; a group sharing fewer runs its prompts whole
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -171,10 +171,13 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 def prefix_groups(rows: list[list[int]]) -> list[tuple[int, int, int]] | None:
     """Split rows (ordered so that rows with a common prefix are adjacent) into runs that share a token prefix:
     (start, end, shared tokens). Of all such splits, the one that computes the fewest prompt tokens, counting
-    MIN_SHARED_PREFIX for each extra prefix row. Each row keeps at least one token of its own (the last prompt
-    token's logits choose the first new token). None when sharing saves nothing."""
+    each prefix as wide as the longest row: the prefixes run as one left-padded batch, so a 30-token prefix
+    beside a 420-token one costs 420 (the plain attack's 24 requests share only the chat header; split into
+    groups of requests that begin alike, they cost 23 extra padded prefixes). Each row keeps at least one token
+    of its own (the last prompt token's logits choose the first new token). None when sharing saves nothing."""
     n = len(rows)
     lengths = [len(r) for r in rows]
+    prefix_width = max(lengths) - 1  # at most; the widest prefix actually chosen may be narrower
     adjacent = [common_prefix_length(rows[i], rows[i + 1]) for i in range(n - 1)]
     cost = [0.0] + [float("inf")] * n  # cost[i]: fewest tokens for rows[:i]
     split: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # (start of the last run, its shared tokens)
@@ -187,7 +190,7 @@ def prefix_groups(rows: list[list[int]]) -> list[tuple[int, int, int]] | None:
             if shared < 1:  # every row from here back differs in its first tokens
                 break
             used = shared if shared >= MIN_SHARED_PREFIX else 1
-            c = cost[start] + MIN_SHARED_PREFIX + used + total - (end - start) * used
+            c = cost[start] + max(prefix_width, MIN_SHARED_PREFIX) + total - (end - start) * used
             if c < cost[end]:
                 cost[end], split[end] = c, (start, used)
     if cost[n] >= sum(lengths):  # also when no split exists (cost inf)
@@ -278,9 +281,10 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     each row's group; row i's prompt is prefix_ids[prefix_of_row[i]] followed by input_ids[i]. The prefixes run
     once and each one's KV cache is copied to its rows, so padding also sits between prefix and row, masked out.
 
-    Unlike `model.generate`, a row that ends (an end-of-turn token, or `decided(row, new_ids)` is True) leaves
-    the batch and its KV cache at once, so later steps compute only the rows still going: the hardened model's
-    refusals end after a few tokens and stop costing anything. Outputs equal `generate`'s greedy ones.
+    Unlike `model.generate`, rows that end (an end-of-turn token, or `decided(row, new_ids)` is True) leave the
+    batch and the KV cache, once an eighth of the batch has ended, so later steps compute only the rows still
+    going: the hardened model's refusals end after a few tokens and soon stop costing anything. Outputs equal
+    `generate`'s greedy ones.
     """
     n = input_ids.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
@@ -299,20 +303,29 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     # Left padding: positions count real tokens only, as `generate` computes them.
     position_ids = left_padded_positions(attention_mask)[:, -input_ids.shape[1]:]
     ids = input_ids
+    finished: set[int] = set()  # rows of the batch that have ended but still sit in it
     for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                        **extra).logits[:, -1]
         next_ids = logits.argmax(-1)
         keep = []
         for j, (row, token) in enumerate(zip(alive.tolist(), next_ids.tolist())):
+            if j in finished:
+                continue
             if token in stops:
+                finished.add(j)
                 continue
             out[row].append(token)
             if decided is None or not decided(row, out[row]):
                 keep.append(j)
+            else:
+                finished.add(j)
         if not keep or step == max_new_tokens - 1:
             break
-        if len(keep) < len(alive):
+        # Ended rows leave in groups of an eighth of the batch: leaving copies every remaining row's cache, which
+        # at 216 rows of 450 tokens costs more than computing a few dead rows a few more steps.
+        if len(finished) >= max(1, len(alive) // 8):
+            finished = set()
             index = torch.tensor(keep, device=input_ids.device)
             cache.batch_select_indices(index)
             alive, next_ids = alive[index], next_ids[index]
