@@ -175,8 +175,8 @@ def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Ten
         labels[i, width - n:] = torch.tensor(e.labels)
         mask[i, width - n:] = 1
     benign = torch.tensor([e.benign for e in examples])
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids(mask).to(device),
-            "labels": labels.to(device), "benign": benign.to(device)}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": position_ids(mask).to(device), "labels": labels.to(device), "benign": benign.to(device)}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

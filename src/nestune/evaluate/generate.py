@@ -42,9 +42,12 @@ def even_batches(order: list[int], batch_size: int) -> list[list[int]]:
     64: four of 60, not three of 64 and one of 48): a decoding step costs nearly as much for a small batch as
     for a full one."""
     n_batches = -(-len(order) // batch_size)
-    sizes = [len(order) // n_batches + (i < len(order) % n_batches) for i in range(n_batches)]
-    starts = [sum(sizes[:i]) for i in range(n_batches)]
-    return [order[start : start + size] for start, size in zip(starts, sizes)]
+    batches, start = [], 0
+    for i in range(n_batches):
+        size = len(order) // n_batches + (i < len(order) % n_batches)
+        batches.append(order[start : start + size])
+        start += size
+    return batches
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -177,7 +180,8 @@ def prefix_groups(rows: list[list[int]]) -> list[tuple[int, int, int]] | None:
     of its own (the last prompt token's logits choose the first new token). None when sharing saves nothing."""
     n = len(rows)
     lengths = [len(r) for r in rows]
-    prefix_width = max(lengths) - 1  # at most; the widest prefix actually chosen may be narrower
+    # Every prefix is padded to the widest one: at most the longest row less its own last token.
+    prefix_cost = max(max(lengths) - 1, MIN_SHARED_PREFIX)
     adjacent = [common_prefix_length(rows[i], rows[i + 1]) for i in range(n - 1)]
     cost = [0.0] + [float("inf")] * n  # cost[i]: fewest tokens for rows[:i]
     split: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # (start of the last run, its shared tokens)
@@ -190,7 +194,7 @@ def prefix_groups(rows: list[list[int]]) -> list[tuple[int, int, int]] | None:
             if shared < 1:  # every row from here back differs in its first tokens
                 break
             used = shared if shared >= MIN_SHARED_PREFIX else 1
-            c = cost[start] + max(prefix_width, MIN_SHARED_PREFIX) + total - (end - start) * used
+            c = cost[start] + prefix_cost + total - (end - start) * used
             if c < cost[end]:
                 cost[end], split[end] = c, (start, used)
     if cost[n] >= sum(lengths):  # also when no split exists (cost inf)
@@ -210,7 +214,6 @@ def prefix_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[i
     groups = prefix_groups([rows[i] for i in order]) or [(0, len(order), 0)]
     order = [i for start, end, _ in groups for i in sorted(order[start:end], key=lambda i: -len(rows[i]))]
     return even_batches(order, batch_size)
-
 
 
 def cache_kwargs(model, cache, last_logits_only: bool = False) -> dict:
@@ -303,29 +306,26 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     # Left padding: positions count real tokens only, as `generate` computes them.
     position_ids = left_padded_positions(attention_mask)[:, -input_ids.shape[1]:]
     ids = input_ids
-    finished: set[int] = set()  # rows of the batch that have ended but still sit in it
+    going = list(range(n))  # the batch positions of the rows still going; the others have ended
     for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                        **extra).logits[:, -1]
         next_ids = logits.argmax(-1)
+        rows, tokens = alive.tolist(), next_ids.tolist()
         keep = []
-        for j, (row, token) in enumerate(zip(alive.tolist(), next_ids.tolist())):
-            if j in finished:
+        for j in going:
+            if tokens[j] in stops:
                 continue
-            if token in stops:
-                finished.add(j)
-                continue
-            out[row].append(token)
-            if decided is None or not decided(row, out[row]):
+            out[rows[j]].append(tokens[j])
+            if decided is None or not decided(rows[j], out[rows[j]]):
                 keep.append(j)
-            else:
-                finished.add(j)
+        going = keep
         if not keep or step == max_new_tokens - 1:
             break
         # Ended rows leave in groups of an eighth of the batch: leaving copies every remaining row's cache, which
-        # at 216 rows of 450 tokens costs more than computing a few dead rows a few more steps.
-        if len(finished) >= max(1, len(alive) // 8):
-            finished = set()
+        # at 216 rows of 450 tokens costs more than computing a few ended rows a few more steps.
+        if len(alive) - len(keep) >= max(1, len(alive) // 8):
+            going = list(range(len(keep)))
             index = torch.tensor(keep, device=input_ids.device)
             cache.batch_select_indices(index)
             alive, next_ids = alive[index], next_ids[index]
