@@ -14,6 +14,7 @@ from nestune.evaluate.generate import (
 )
 from nestune.testing import TINY_ARCHS, tiny_model, tiny_tokenizer
 
+ALIKE = ["tell me more", "mid length", "say a thing", "what is it"]  # one batch: none is half as long as another
 TEXTS = ["hi", "a much longer prompt with several words in it", "mid length", "x" * 40, "q", "tell me more"]
 
 
@@ -118,10 +119,10 @@ def test_rows_that_are_decided_leave_the_batch(model, tok):
     try:
         gen = HFGenerator(model, tok, batch_size=4, show_progress=False,
                           stop_when_decided=lambda text: text.startswith("STOP"))
-        out = gen.generate(TEXTS[:4], ["STOP", "go", "STOP", "go"], 10)
+        out = gen.generate(ALIKE, ["STOP", "go", "STOP", "go"], 10)
     finally:
         handle.remove()
-    full = HFGenerator(model, tok, batch_size=4, show_progress=False).generate(TEXTS[:4], ["", "go", "", "go"], 10)
+    full = HFGenerator(model, tok, batch_size=4, show_progress=False).generate(ALIKE, ["", "go", "", "go"], 10)
     assert out[1] == full[1] and out[3] == full[3]  # the rows still going are unchanged by the others leaving
     assert rows_per_pass[0] == 4 and rows_per_pass[1] == 2  # the two decided rows left after the first pass
 
@@ -200,6 +201,17 @@ def test_prefix_groups_split_rows_where_sharing_saves_tokens():
     mixed = [rows[3], rows[0], rows[4], rows[1], rows[2]]
     assert prefix_sorted_batches(mixed, 3) == [[1, 3, 4], [0, 2]]
 
+
+
+def test_batches_end_where_rows_become_less_than_half_as_long():
+    from nestune.evaluate.generate import prefix_sorted_batches
+
+    # Three templates of 60, 40 and 20 tokens with two requests each, given short ones first: the 40-token rows
+    # share a batch with the 60-token ones (more than half as long), the 20-token ones get their own batch.
+    rows = [[k] * width + [100 + i] for k, width in ((3, 20), (2, 40), (1, 60)) for i in range(2)]
+    assert prefix_sorted_batches(rows, 8) == [[4, 5, 2, 3], [0, 1]]
+    assert prefix_sorted_batches(rows, 3) == [[4, 5], [2, 3], [0, 1]]  # and no batch above the size
+    assert sorted(i for b in prefix_sorted_batches(rows[::-1], 8) for i in b) == list(range(6))
 
 def test_generator_runs_each_shared_template_prefix_once(model, tok):
     from nestune.models import chat_prompts

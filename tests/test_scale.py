@@ -348,7 +348,7 @@ def test_generation_splits_a_batch_on_out_of_memory(capsys):
     from nestune.testing import tiny_model, tiny_tokenizer
 
     model, tok = tiny_model("llama", seed=1), tiny_tokenizer()
-    texts = ["hi", "a longer prompt here", "mid", "q", "tell me more", "x" * 20]
+    texts = ["hi there", "a longer one", "mid size", "question", "tell me more", "x" * 10]  # one batch of 6
     plain = HFGenerator(model, tok, batch_size=6, show_progress=False).generate(texts, None, 8)
     handle = _oom_above(model, 2)
     try:

@@ -209,11 +209,19 @@ def prefix_groups(rows: list[list[int]]) -> list[tuple[int, int, int]] | None:
 
 def prefix_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
     """Indices in batches of rows that share prefixes: sorted by their tokens (a template's rows sit together),
-    each prefix group longest first (less padding), then cut into batches."""
+    the prefix groups widest first and each group's rows longest first, then cut into batches. A batch also
+    ends where rows become less than half as long as its longest: every row's cache is as wide as the batch's
+    widest prompt, so a 40-token plain request beside a 450-token template would carry ten times its own."""
     order = sorted(range(len(rows)), key=lambda i: rows[i])
     groups = prefix_groups([rows[i] for i in order]) or [(0, len(order), 0)]
-    order = [i for start, end, _ in groups for i in sorted(order[start:end], key=lambda i: -len(rows[i]))]
-    return even_batches(order, batch_size)
+    runs = [sorted(order[start:end], key=lambda i: -len(rows[i])) for start, end, _ in groups]
+    order = [i for run in sorted(runs, key=lambda run: -len(rows[run[0]])) for i in run]
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or 2 * len(rows[order[end]]) < len(rows[order[start]]):
+            batches += even_batches(order[start:end], batch_size)
+            start = end
+    return batches
 
 
 def cache_kwargs(model, cache, last_logits_only: bool = False) -> dict:
