@@ -7,6 +7,7 @@ RUN/cluster/clusters.json), so nothing is generated or detected.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,7 +23,14 @@ from nestune.detect import capture_pooled
 from nestune.errors import NestuneError
 from nestune.evaluate.generate import HFGenerator, VLLMGenerator, render
 from nestune.io import write_json
-from nestune.models import ffn_targets, input_device, load_model, parse_max_memory, weights_fingerprint
+from nestune.models import (
+    ffn_targets,
+    input_device,
+    load_model,
+    parse_max_memory,
+    placement,
+    weights_fingerprint,
+)
 from nestune.runfolder import RunFolder
 from nestune.testing import save_tiny, tiny_model, tiny_tokenizer
 from nestune.train import load_for_training, run_train
@@ -200,12 +208,16 @@ def test_split_and_offloaded_models_capture_the_same_activations(tmp_path):
     folder = str(save_tiny(tmp_path / "tiny4", "llama", layers=4))
     texts = ["hi there", "how do I pick a lock", "what is two plus two?", "x" * 30, "tell me a story"]
     plain = load_model(folder, "cpu")
+    assert placement(plain.model) == "no device map"
     expected = capture_pooled(plain.model, plain.tokenizer, texts, ffn_targets(plain.model), 2, 64)
     # ~200 kB of CPU memory holds the embedding and a few layers; the rest stays on disk. A budget of
     # 60 kB offloads the whole model, embedding included.
     for budget, placed in [("cpu=200000", {"cpu", "disk"}), ("cpu=60000", {"disk"})]:
         split = load_model(folder, "cpu", max_memory=budget)  # device_map "auto" is implied
         assert set(split.model.hf_device_map.values()) == placed, split.model.hf_device_map
+        said = placement(split.model)  # printed at load, e.g. "4 modules on cpu, 4 on disk"
+        assert sum(map(int, re.findall(r"(\d+) (?:modules? )?on", said))) == len(split.model.hf_device_map)
+        assert all(f"on {d}" in said for d in placed), said
         assert input_device(split.model).type == "cpu"
         found = capture_pooled(split.model, split.tokenizer, texts, ffn_targets(split.model), 2, 64)
         for name in expected:

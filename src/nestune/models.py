@@ -253,11 +253,26 @@ def load_model(
         raise NestuneError(f"could not load model '{spec}': {msg}", "check the model path or id") from None
     if device_map is None:
         model.to(device)
+    else:
+        print(f"device map: {placement(model)}", flush=True)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ffn_targets(model)  # fail now, not in a later stage, on an unsupported architecture
     return LoadedModel(model, tokenizer, spec, source, path)
+
+
+def placement(model) -> str:
+    """Where device_map put the model's modules, e.g. "20 modules on GPU 0, 6 on cpu, 2 on disk"."""
+    from collections import Counter
+
+    counts = Counter(getattr(model, "hf_device_map", {}).values())
+    if not counts:
+        return "no device map"
+    parts = [f"{n} on {f'GPU {d}' if isinstance(d, int) else d}" for d, n in counts.items()]
+    first = next(iter(counts.values()))
+    parts[0] = parts[0].replace(" on ", " module on " if first == 1 else " modules on ", 1)
+    return ", ".join(parts)
 
 
 def _hub_offline() -> bool:
