@@ -215,7 +215,7 @@ def test_split_and_offloaded_models_capture_the_same_activations(tmp_path):
     for budget, placed in [("cpu=200000", {"cpu", "disk"}), ("cpu=60000", {"disk"})]:
         split = load_model(folder, "cpu", max_memory=budget)  # device_map "auto" is implied
         assert set(split.model.hf_device_map.values()) == placed, split.model.hf_device_map
-        said = placement(split.model)  # printed at load, e.g. "4 modules on cpu, 4 on disk"
+        said = placement(split.model)  # printed at load, e.g. "4 modules on cpu, 4 modules on disk"
         assert sum(map(int, re.findall(r"(\d+) (?:modules? )?on", said))) == len(split.model.hf_device_map)
         assert all(f"on {d}" in said for d in placed), said
         assert input_device(split.model).type == "cpu"

@@ -263,16 +263,12 @@ def load_model(
 
 
 def placement(model) -> str:
-    """Where device_map put the model's modules, e.g. "20 modules on GPU 0, 6 on cpu, 2 on disk"."""
+    """Where device_map put the model's modules, e.g. "20 modules on GPU 0, 6 modules on cpu"."""
     from collections import Counter
 
     counts = Counter(getattr(model, "hf_device_map", {}).values())
-    if not counts:
-        return "no device map"
-    parts = [f"{n} on {f'GPU {d}' if isinstance(d, int) else d}" for d, n in counts.items()]
-    first = next(iter(counts.values()))
-    parts[0] = parts[0].replace(" on ", " module on " if first == 1 else " modules on ", 1)
-    return ", ".join(parts)
+    return ", ".join(f"{n} module{'s' * (n != 1)} on {f'GPU {d}' if isinstance(d, int) else d}"
+                     for d, n in counts.items()) or "no device map"
 
 
 def _hub_offline() -> bool:
