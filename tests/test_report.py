@@ -17,3 +17,32 @@ def test_examples_show_the_same_behaviour_before_and_after(tmp_path):
     assert all(p["before_success"] and not p["after_success"] for p in pairs)
     page = _examples_html(pairs)
     assert "&lt;b&gt;" in page and "<b>" not in page.replace("<b>none</b>", "").replace("<b>prefill</b>", "")
+
+
+def test_benign_kl_is_recorded_when_eval_after_ends_and_outlives_the_logprob_files(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from nestune import pipeline
+    from nestune.config import Config
+    from nestune.evaluate import run as evaluate_run
+    from nestune.evaluate.utility import kl
+    from nestune.report import benign_kl
+
+    base = torch.log_softmax(torch.randn(4, 11), dim=-1)
+    after = torch.log_softmax(torch.randn(4, 11), dim=-1)
+    run = RunFolder(tmp_path / "run")
+    save_file({"logprobs": base}, str(run.stage("eval-before") / "next_token_logprobs.safetensors"))
+
+    def fake_evaluate(loaded, cfg, folder):  # writes what the real evaluation writes for the KL
+        save_file({"logprobs": after}, str(folder / "next_token_logprobs.safetensors"))
+        return {}
+
+    monkeypatch.setattr(evaluate_run, "evaluate_model", fake_evaluate)
+    pipeline.evaluate_stage(Config(), run, "eval-after", loaded=None)
+    expected = round(float(kl(base, after)), 6)
+    assert expected > 0
+    assert json.loads((run.path / "eval-after" / "DONE.json").read_text())["benign_kl"] == expected
+    for stage in ("eval-before", "eval-after"):
+        (run.path / stage / "next_token_logprobs.safetensors").unlink()
+    assert benign_kl(run) == expected  # from DONE.json now

@@ -25,7 +25,13 @@ def evaluate_stage(cfg: Config, run: RunFolder, stage: str, loaded: LoadedModel)
 
     start = time.perf_counter()
     metrics = evaluate_model(loaded, cfg, run.stage(stage))
-    run.mark_done(stage, {"wall_s": round(time.perf_counter() - start, 1)})
+    info = {"wall_s": round(time.perf_counter() - start, 1)}
+    if stage == "eval-after":
+        from .report import benign_kl
+
+        # Kept beside the 20 MB logprob files it comes from, so that it survives their deletion
+        info["benign_kl"] = benign_kl(run)
+    run.mark_done(stage, info)
     return metrics
 
 

@@ -21,11 +21,13 @@ def _maybe(path: Path):
 
 
 def benign_kl(run: RunFolder) -> float | None:
-    """Mean KL(base || hardened) of next-token distributions on benign prompts, from the two eval stages."""
+    """Mean KL(base || hardened) of next-token distributions on benign prompts, from the two eval stages;
+    the value recorded in eval-after/DONE.json when their logprob files have been deleted."""
     a = run.path / "eval-before" / "next_token_logprobs.safetensors"
     b = run.path / "eval-after" / "next_token_logprobs.safetensors"
     if not (a.exists() and b.exists()):
-        return None
+        done = _maybe(run.path / "eval-after" / "DONE.json") or {}
+        return done.get("benign_kl")
     from safetensors.torch import load_file
 
     from .evaluate.utility import kl
