@@ -315,11 +315,13 @@ def plot_compare(result: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, params, r, raw in points:
+    for i, (name, params, r, raw) in enumerate(points):
         ci = raw.get("ci") if isinstance(raw, dict) else None
         err = [[100 * (r - ci[0])], [100 * (ci[1] - r)]] if ci and len(ci) >= 2 else None
         ax.errorbar([params], [100 * r], yerr=err, fmt="o", capsize=3)
-        ax.annotate(name, (params, 100 * r), textcoords="offset points", xytext=(6, 6))
+        # nest and random always train the same number of parameters: step their labels down so both read
+        same_x = sum(p == params for _, p, _, _ in points[:i])
+        ax.annotate(name, (params, 100 * r), textcoords="offset points", xytext=(6, 6 - 14 * same_x))
     if base is not None:
         ax.axhline(100 * base, color="grey", linestyle="--", label=f"base model ({100 * base:.1f}%)")
         ax.legend(loc="best")
