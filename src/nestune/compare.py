@@ -171,7 +171,8 @@ def rate_of(value) -> float | None:
 def metrics_row(metrics: dict | None) -> dict:
     m = metrics or {}
     return {"asr_mean": m.get("asr_mean"), "asr_by_attack": m.get("asr_by_attack") or {},
-            "asr_any_attack": m.get("asr_any_attack"), "overrefusal": m.get("overrefusal"),
+            "asr_any_attack": m.get("asr_any_attack"), "successes_looping": m.get("successes_looping"),
+            "overrefusal": m.get("overrefusal"),
             "utility": m.get("utility") or {}, "gsm8k": m.get("gsm8k")}
 
 

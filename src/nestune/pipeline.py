@@ -12,6 +12,7 @@ import time
 from .config import Config
 from .io import read_json, write_json
 from .models import LoadedModel, load_model
+from .report import benign_kl, build_report, print_metrics, print_summary
 from .runfolder import RunFolder
 
 
@@ -27,8 +28,6 @@ def evaluate_stage(cfg: Config, run: RunFolder, stage: str, loaded: LoadedModel)
     metrics = evaluate_model(loaded, cfg, run.stage(stage))
     info = {"wall_s": round(time.perf_counter() - start, 1)}
     if stage == "eval-after":
-        from .report import benign_kl
-
         # Kept beside the 20 MB logprob files it comes from, so that it survives their deletion
         info["benign_kl"] = benign_kl(run)
     run.mark_done(stage, info)
@@ -74,8 +73,6 @@ def run_pipeline(cfg: Config, evaluate: bool = True) -> dict:
     if evaluate:
         folded = str(run.path / "fold" / "model")
         stage("eval-after", lambda: evaluate_stage(cfg, run, "eval-after", _load(cfg, folded)))
-        from .report import build_report, print_summary
-
         paths = build_report(run)
         print_summary(run)
         print(f"\nreport: {paths['html']}\nhardened model: {folded}", flush=True)
@@ -99,7 +96,5 @@ def eval_command(cfg: Config, adapter: str | None = None) -> dict:
         check_same_base(config, loaded.model)
         nest.attach(loaded.model)
     metrics = evaluate_stage(cfg, run, "eval", loaded)
-    from .report import print_metrics
-
     print_metrics(metrics)
     return metrics

@@ -38,7 +38,8 @@ def benign_kl(run: RunFolder) -> float | None:
 def _side(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
-    keep = ("asr_mean", "asr_by_attack", "asr_any_attack", "overrefusal", "utility", "gsm8k", "n_behaviours")
+    keep = ("asr_mean", "asr_by_attack", "asr_any_attack", "successes_looping", "overrefusal", "utility", "gsm8k",
+            "n_behaviours")
     return {k: metrics[k] for k in keep if k in metrics}
 
 
@@ -180,6 +181,9 @@ def summary_rows(results: dict) -> list[tuple[str, str, str]]:
     for attack in (before.get("asr_by_attack") or after.get("asr_by_attack") or {}):
         rows.append((f"ASR {attack}", _fmt((before.get("asr_by_attack") or {}).get(attack)),
                      _fmt((after.get("asr_by_attack") or {}).get(attack))))
+    if before.get("successes_looping") or after.get("successes_looping"):
+        rows.append(("attack successes that are repetition loops", _fmt(before.get("successes_looping")),
+                     _fmt(after.get("successes_looping"))))
     rows.append(("over-refusal", _fmt(before.get("overrefusal")), _fmt(after.get("overrefusal"))))
     for task in (before.get("utility") or after.get("utility") or {}):
         rows.append((f"utility {task}", _fmt((before.get("utility") or {}).get(task)),
