@@ -219,16 +219,21 @@ def response_loss(model, batch, cfg: Config, reference=None) -> torch.Tensor:
     mask = (labels != -100).float()
     ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
     per_token = ce
-    if cfg.train.benign_loss == "kl" and batch["benign"].any():
+    benign = batch["benign"]
+    if cfg.train.benign_loss == "kl" and benign.any():
         if reference is None:
             raise NestuneError("benign_loss 'kl' needs the original model", "use benign_loss = 'answer'")
+        # The original model runs on the benign rows only, and the softmaxes over the vocabulary too: the
+        # harmful rows' KL would be thrown away (on smollm2-135m the whole-batch version made a step 1.6x slower).
         with torch.no_grad(), reference():
-            ref = response_logits()
-        kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(ref.float(), -1), log_target=True,
-                      reduction="none").sum(-1)
-        per_token = torch.where(batch["benign"][:, None], kl, ce)
+            inputs = {k: v[benign] for k, v in model_inputs(batch).items()}
+            ref = model(**inputs, **extra).logits[:, -keep:][:, :-1]
+        kl = torch.zeros_like(ce)
+        kl[benign] = F.kl_div(F.log_softmax(logits[benign].float(), -1), F.log_softmax(ref.float(), -1),
+                              log_target=True, reduction="none").sum(-1)
+        per_token = torch.where(benign[:, None], kl, ce)
     per_example = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
-    weights = torch.where(batch["benign"], cfg.train.benign_weight, 1.0)
+    weights = torch.where(benign, cfg.train.benign_weight, 1.0)
     return (per_example * weights).sum() / weights.sum()
 
 
