@@ -21,7 +21,6 @@ from nestune.detect import (
     masked_max,
     run_detect,
     select_neurons,
-    token_spans,
     train_probes,
 )
 from nestune.errors import NestuneError
@@ -189,17 +188,6 @@ def test_masked_max_ignores_padding():
     values = torch.tensor([[[5.0], [1.0], [2.0]]])
     assert masked_max(values, torch.tensor([[0, 1, 1]])).item() == 2.0
     assert masked_max(-values, torch.tensor([[0, 1, 1]])).item() == -1.0
-
-
-def test_span_pooling_equals_masked_pooling():
-    # Left padding (the capture's), right padding, and no padding: per-row spans give the masked max exactly.
-    values = torch.randn(3, 5, 7) * 10
-    for mask in (torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]),
-                 torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])):
-        spans = token_spans(mask)
-        assert spans is not None
-        assert torch.equal(masked_max(values, mask, spans), masked_max(values, mask))
-    assert token_spans(torch.tensor([[1, 0, 1]])) is None  # a hole: only the masked copy is right
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])

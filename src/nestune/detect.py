@@ -64,29 +64,10 @@ def add_hooks(hooks: list[tuple[nn.Module, object]]):
             h.remove()
 
 
-def masked_max(values: torch.Tensor, mask: torch.Tensor, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
-    """Max over the token axis of (batch, tokens, n), counting only positions where mask (batch, tokens) is 1.
-
-    With `spans` (each row's real tokens as [start, end), from `token_spans`) the max reads each row's span
-    alone: on CPU that skips the full masked copy of the activations, which cost about a tenth of capture's
-    time on smollm2-135m (BENCHMARKS.md). Without them, padding is set to -inf in a copy.
-    """
-    if spans is not None:
-        return torch.stack([values[i, start:end].amax(dim=0) for i, (start, end) in enumerate(spans)])
+def masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max over the token axis of (batch, tokens, n), counting only positions where mask (batch, tokens) is 1."""
     keep = mask.to(device=values.device, dtype=torch.bool)[..., None]
     return values.masked_fill(~keep, float("-inf")).amax(dim=1)
-
-
-def token_spans(mask: torch.Tensor) -> list[tuple[int, int]] | None:
-    """Each row's [first, last + 1) real token when every row's real tokens are contiguous (left or right
-    padding), else None."""
-    spans = []
-    for row in mask.bool().cpu():
-        idx = row.nonzero().flatten()
-        if len(idx) == 0 or int(idx[-1]) + 1 - int(idx[0]) != len(idx):
-            return None
-        spans.append((int(idx[0]), int(idx[-1]) + 1))
-    return spans
 
 
 def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget], batch_size: int,
@@ -103,7 +84,7 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
     def hook_for(target: FFNTarget):
         def hook(module, args, output):
             values = output[..., target.offset : target.offset + target.n_neurons]
-            pooled[target.name].append(masked_max(values, current["mask"], current["spans"]).float().cpu())
+            pooled[target.name].append(masked_max(values, current["mask"]).float().cpu())
 
         return hook
 
@@ -119,8 +100,6 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
             for batch in tqdm(batches, desc="capturing activations", unit="batch", disable=not show):
                 enc = encode_chat(tokenizer, [texts[i] for i in batch], max_length, device=device)
                 current["mask"] = enc["attention_mask"]
-                # Per-row slices pay off on CPU; on a GPU one masked kernel beats a launch per row.
-                current["spans"] = token_spans(enc["attention_mask"]) if device.type == "cpu" else None
                 body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                      position_ids=position_ids(enc["attention_mask"]), use_cache=False)
 
