@@ -211,10 +211,10 @@ def response_loss(model, batch, cfg: Config, reference=None) -> torch.Tensor:
     keep = logits_width(batch)
     extra = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
 
-    def response_logits():
-        return model(**model_inputs(batch), **extra).logits[:, -keep:][:, :-1]
+    def response_logits(inputs):
+        return model(**inputs, **extra).logits[:, -keep:][:, :-1]
 
-    logits = response_logits()
+    logits = response_logits(model_inputs(batch))
     labels = batch["labels"][:, batch["labels"].shape[1] - keep + 1:]
     mask = (labels != -100).float()
     ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
@@ -227,8 +227,7 @@ def response_loss(model, batch, cfg: Config, reference=None) -> torch.Tensor:
         # harmful rows' KL would be thrown away (on smollm2-135m the train stage took 1.6x the cross-entropy
         # loss's with the whole batch, 1.2-1.3x with the benign rows; BENCHMARKS.md).
         with torch.no_grad(), reference():
-            inputs = {k: v[benign] for k, v in model_inputs(batch).items()}
-            ref = model(**inputs, **extra).logits[:, -keep:][:, :-1]
+            ref = response_logits({k: v[benign] for k, v in model_inputs(batch).items()})
         kl = torch.zeros_like(ce)
         kl[benign] = F.kl_div(F.log_softmax(logits[benign].float(), -1), F.log_softmax(ref.float(), -1),
                               log_target=True, reduction="none").sum(-1)
