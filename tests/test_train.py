@@ -88,3 +88,54 @@ def test_logits_cover_the_longest_response_and_one_position_before_it():
     assert logits_width(batch) == 6 + 1  # the 6-token response, predicted from its last prompt token on
     nothing = {"labels": torch.full((2, 4), -100)}
     assert logits_width(nothing) == 1
+
+
+def small_run(tmp_path, schedule: str, max_steps: int, loss_fn=None):
+    """train_loop on a tiny llama whose last layer's down projection is the only trainable tensor."""
+    from nestune.train import train_loop
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weight = model.model.layers[-1].mlp.down_proj.weight
+    weight.requires_grad_(True)
+    cfg = Config()
+    cfg.train.lr, cfg.train.lr_schedule, cfg.train.batch_size = 1e-2, schedule, 2
+    cfg.train.epochs, cfg.train.max_steps = 2, max_steps
+    stats = train_loop(model, {"w": weight}, examples(), cfg, tmp_path, loss_fn=loss_fn)
+    return weight.detach().clone(), stats
+
+
+@pytest.mark.parametrize("schedule,expected", [("constant", [1, 1, 1, 1]), ("linear", [1, 0.75, 0.5, 0.25]),
+                                               ("cosine", [1, 0.853553, 0.5, 0.146447])])
+def test_lr_schedule_sets_each_steps_lr(schedule, expected, tmp_path, monkeypatch):
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    small_run(tmp_path, schedule, max_steps=0)  # 2 epochs of 2 steps
+    assert seen == pytest.approx([1e-2 * f for f in expected], rel=1e-5)
+
+
+def test_decaying_lr_resumes_exactly_after_a_crash(tmp_path):
+    # The schedule depends on the step alone, so a run that dies after its first epoch's checkpoint and is
+    # started again ends with the same weights as one that never stopped.
+    whole, _ = small_run(tmp_path / "whole", "linear", max_steps=0)
+    calls = {"n": 0}
+
+    def dies_in_the_second_epoch(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        return response_loss(model, batch, Config())
+
+    with pytest.raises(RuntimeError, match="killed"):
+        small_run(tmp_path / "resumed", "linear", max_steps=0, loss_fn=dies_in_the_second_epoch)
+    resumed, stats = small_run(tmp_path / "resumed", "linear", max_steps=0)
+    assert stats["steps"] == 4
+    assert torch.equal(whole, resumed)

@@ -60,6 +60,7 @@ class TrainConfig:
     # is lr x the RMS of the weight rows it changes, so one value fits models whose weights differ in scale)
     lr: float = 0.0
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant, linear or cosine (both decay to 0 at the last step)
     prefill_fraction: float = 0.25  # harmful examples that open affirmatively, then refuse (train.py)
     benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original
     benign_weight: float = 1.0
@@ -192,6 +193,7 @@ CHOICES = {
     "cluster.scope": ("module", "layer", "global"),
     "train.method": ("nest", "full", "lora", "circuit-breakers", "neurons", "random"),
     "train.benign_loss": ("answer", "kl"),
+    "train.lr_schedule": ("constant", "linear", "cosine"),
 }
 AT_LEAST_ONE = ("detect.batch_size", "detect.max_length", "detect.probe_epochs", "cluster.k_max", "cluster.n_init",
                 "train.batch_size", "train.grad_accum", "train.answer_tokens", "train.max_length",

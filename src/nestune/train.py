@@ -343,6 +343,19 @@ def main_first(accelerator):
     return accelerator.main_process_first() if accelerator is not None else nullcontext()
 
 
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """The multiplier of the lr at optimizer step `step` (0-based) of `total_steps`.
+
+    Computed from the step alone (no scheduler state), so a resumed run continues the same schedule.
+    """
+    progress = min(step / total_steps, 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
 def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Example], cfg: Config,
                folder: Path, loss_fn=None, pad_id: int = 0, accelerator=None,
                lr_scales: dict[str, float] | None = None) -> dict:
@@ -365,6 +378,7 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     else:
         groups = [{"params": list(params.values()), "lr": t.lr}]
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     steps_per_epoch = math.ceil(len(examples) / (t.batch_size * t.grad_accum))
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -398,6 +412,9 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
             if step >= total_steps:
                 break
             optimizer.zero_grad(set_to_none=True)
+            factor = lr_factor(t.lr_schedule, step, total_steps)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * factor
             group, loss_sum = batches[i:i + t.grad_accum], 0.0
             for idx in group:
                 mine = idx[rank::world]
