@@ -60,7 +60,9 @@ class TrainConfig:
     # is lr x the RMS of the weight rows it changes, so one value fits models whose weights differ in scale)
     lr: float = 0.0
     weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant, linear or cosine (both decay to 0 at the last step)
+    # constant, linear or cosine (both decay to 0 at the last step). Linear: on smollm2-135m, seeds 0-3, same
+    # detection and targets, mean ASR 20.1% -> 7.6% against constant, utility nearer the base (README)
+    lr_schedule: str = "linear"
     prefill_fraction: float = 0.25  # harmful examples that open affirmatively, then refuse (train.py)
     benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original
     benign_weight: float = 1.0
