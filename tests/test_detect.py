@@ -19,6 +19,7 @@ from nestune.detect import (
     heldout_split,
     load_selection,
     masked_max,
+    padding_bias,
     run_detect,
     select_neurons,
     train_probes,
@@ -186,8 +187,10 @@ def test_detection_is_deterministic(planted_run, tmp_path):
 
 def test_masked_max_ignores_padding():
     values = torch.tensor([[[5.0], [1.0], [2.0]]])
-    assert masked_max(values, torch.tensor([[0, 1, 1]])).item() == 2.0
-    assert masked_max(-values, torch.tensor([[0, 1, 1]])).item() == -1.0
+    bias = padding_bias(torch.tensor([[0, 1, 1]]), values.dtype)
+    assert masked_max(values, bias).item() == 2.0
+    assert masked_max(-values, bias).item() == -1.0
+    assert masked_max(values.bfloat16(), padding_bias(torch.tensor([[1, 1, 1]]), torch.bfloat16)).item() == 5.0
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])

@@ -64,10 +64,18 @@ def add_hooks(hooks: list[tuple[nn.Module, object]]):
             h.remove()
 
 
-def masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Max over the token axis of (batch, tokens, n), counting only positions where mask (batch, tokens) is 1."""
-    keep = mask.to(device=values.device, dtype=torch.bool)[..., None]
-    return values.masked_fill(~keep, float("-inf")).amax(dim=1)
+def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, tokens, 1): 0 where mask (batch, tokens) is 1, -inf at padding."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == 0, float("-inf"))[..., None]
+
+
+def masked_max(values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Max over the token axis of (batch, tokens, n), padding left out by adding its `padding_bias`.
+
+    The bias is built once per batch; one add and a max per hook measured ~3% faster capture on smollm2 than
+    a masked_fill with the mask inverted in every hook (BENCHMARKS.md, "Activation capture").
+    """
+    return (values + bias.to(values.device)).amax(dim=1)
 
 
 def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget], batch_size: int,
@@ -84,7 +92,7 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
     def hook_for(target: FFNTarget):
         def hook(module, args, output):
             values = output[..., target.offset : target.offset + target.n_neurons]
-            pooled[target.name].append(masked_max(values, current["mask"]).float().cpu())
+            pooled[target.name].append(masked_max(values, current["bias"]).float().cpu())
 
         return hook
 
@@ -99,7 +107,7 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
         with torch.inference_mode(), add_hooks(hooks):
             for batch in tqdm(batches, desc="capturing activations", unit="batch", disable=not show):
                 enc = encode_chat(tokenizer, [texts[i] for i in batch], max_length, device=device)
-                current["mask"] = enc["attention_mask"]
+                current["bias"] = padding_bias(enc["attention_mask"], model.dtype)
                 body(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                      position_ids=position_ids(enc["attention_mask"]), use_cache=False)
 
