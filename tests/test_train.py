@@ -90,7 +90,7 @@ def test_logits_cover_the_longest_response_and_one_position_before_it():
     assert logits_width(nothing) == 1
 
 
-def small_run(tmp_path, schedule: str, max_steps: int, loss_fn=None):
+def small_run(tmp_path, schedule: str, loss_fn=None):
     """train_loop on a tiny llama whose last layer's down projection is the only trainable tensor."""
     from nestune.train import train_loop
 
@@ -102,7 +102,7 @@ def small_run(tmp_path, schedule: str, max_steps: int, loss_fn=None):
     weight.requires_grad_(True)
     cfg = Config()
     cfg.train.lr, cfg.train.lr_schedule, cfg.train.batch_size = 1e-2, schedule, 2
-    cfg.train.epochs, cfg.train.max_steps = 2, max_steps
+    cfg.train.epochs = 2  # of 2 steps each
     stats = train_loop(model, {"w": weight}, examples(), cfg, tmp_path, loss_fn=loss_fn)
     return weight.detach().clone(), stats
 
@@ -118,14 +118,14 @@ def test_lr_schedule_sets_each_steps_lr(schedule, expected, tmp_path, monkeypatc
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    small_run(tmp_path, schedule, max_steps=0)  # 2 epochs of 2 steps
+    small_run(tmp_path, schedule)
     assert seen == pytest.approx([1e-2 * f for f in expected], rel=1e-5)
 
 
 def test_decaying_lr_resumes_exactly_after_a_crash(tmp_path):
     # The schedule depends on the step alone, so a run that dies after its first epoch's checkpoint and is
     # started again ends with the same weights as one that never stopped.
-    whole, _ = small_run(tmp_path / "whole", "linear", max_steps=0)
+    whole, _ = small_run(tmp_path / "whole", "linear")
     calls = {"n": 0}
 
     def dies_in_the_second_epoch(model, batch):
@@ -135,7 +135,7 @@ def test_decaying_lr_resumes_exactly_after_a_crash(tmp_path):
         return response_loss(model, batch, Config())
 
     with pytest.raises(RuntimeError, match="killed"):
-        small_run(tmp_path / "resumed", "linear", max_steps=0, loss_fn=dies_in_the_second_epoch)
-    resumed, stats = small_run(tmp_path / "resumed", "linear", max_steps=0)
+        small_run(tmp_path / "resumed", "linear", loss_fn=dies_in_the_second_epoch)
+    resumed, stats = small_run(tmp_path / "resumed", "linear")
     assert stats["steps"] == 4
     assert torch.equal(whole, resumed)
