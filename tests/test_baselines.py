@@ -125,7 +125,7 @@ def test_lora_run_saves_adapter_and_merged_model_that_differs_only_in_decoder_li
     run = make_run(tmp_path)
     summary = run_baseline_train(make_cfg("lora", max_steps=3), run, loaded)
     assert summary["method"] == "lora" and summary["steps"] == 3
-    assert summary["lr"] == METHOD_LR["lora"]
+    assert summary["lr"] == METHOD_LR["lora"] and summary["lr_schedule"] == "linear"
     assert summary["trainable_params"] == 8192  # 2 layers x r=8 x sum(in + out) = 512
     for key in ("method", "trainable_params", "n_harmful", "n_benign", "steps", "wall_s", "peak_memory_bytes",
                 "examples_seen", "losses", "final_loss"):
@@ -306,6 +306,7 @@ def changed_rows(base, folded_model, target) -> list[int]:
 def test_nest_trainable_count_is_clusters_times_d_model(tmp_path):
     loaded, base, run, clusters, summary, folded = nest_like(tmp_path, "nest")
     d_model = ffn_targets(loaded.model)[0].d_model
+    assert summary["lr_schedule"] == "linear"  # recorded with the run, beside the lr
     assert summary["trainable_params"] == sum(e["k"] * d_model for e in clusters.values()) == 4 * 2 * 32  # 4 targets x k=2 x d_model
     for t in ffn_targets(loaded.model):
         assert changed_rows(base, folded, t) == sorted(clusters[t.name]["rows"])

@@ -595,6 +595,7 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
     adapter.save(folder / "adapter", base, extra={"method": method})
     effective = sorted(cfg.train.lr * v for v in scales.values())
     summary = {"method": method, "trainable_params": adapter.num_trainable(), "lr": cfg.train.lr,
+               "lr_schedule": cfg.train.lr_schedule,
                "lr_relative_to": "RMS of the weight rows each delta changes",
                "effective_lr": {"min": effective[0], "median": effective[len(effective) // 2], "max": effective[-1]},
                "n_neurons": sum(len(s.rows) for s in adapter.specs),
