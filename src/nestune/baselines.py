@@ -70,8 +70,7 @@ def run_baseline_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None =
     if not is_main(accelerator):
         return {"method": method, **info, **stats}  # the main process writes the results
     summary = {"method": method, **info,
-               **row_counts(rows), "lr": cfg.train.lr,
-               "lr_schedule": cfg.train.lr_schedule, **stats}
+               **row_counts(rows), "lr": cfg.train.lr, **stats}
     write_json(folder / "summary.json", summary)
     run.mark_done("train", {"method": method})
     print(f"trained {method}: {summary['trainable_params']:,} trainable parameters, {stats['steps']} steps in "

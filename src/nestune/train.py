@@ -442,7 +442,8 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss()
     return {"steps": step, "epochs": epochs, "final_loss": position["losses"][-1] if position["losses"] else None,
             "losses": position["losses"], "wall_s": round(time.perf_counter() - start, 2), "peak_memory_bytes": peak,
-            "examples_seen": min(step * t.batch_size * t.grad_accum, epochs * len(examples)), "processes": world}
+            "examples_seen": min(step * t.batch_size * t.grad_accum, epochs * len(examples)), "processes": world,
+            "lr_schedule": t.lr_schedule}
 
 
 def average_gradients(params: dict[str, torch.nn.Parameter], loss: float, world: int) -> float:
@@ -595,7 +596,6 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
     adapter.save(folder / "adapter", base, extra={"method": method})
     effective = sorted(cfg.train.lr * v for v in scales.values())
     summary = {"method": method, "trainable_params": adapter.num_trainable(), "lr": cfg.train.lr,
-               "lr_schedule": cfg.train.lr_schedule,
                "lr_relative_to": "RMS of the weight rows each delta changes",
                "effective_lr": {"min": effective[0], "median": effective[len(effective) // 2], "max": effective[-1]},
                "n_neurons": sum(len(s.rows) for s in adapter.specs),

@@ -83,12 +83,13 @@ class RefusalJudge:
     def __init__(self, markers: tuple[str, ...] = REFUSAL_MARKERS, window: int = DEFAULT_WINDOW):
         self.markers = tuple(m.lower() for m in markers)
         self.window = window
+        # The list's fingerprint is in the name, so rows judged by an older list are judged again (evaluate/run.py).
+        digest = hashlib.sha256("\n".join(self.markers).encode()).hexdigest()[:8]
+        self._name = f"refusal-markers(window={window}, list={digest})"
 
     @property
     def name(self) -> str:
-        # The list's fingerprint is in the name, so rows judged by an older list are judged again (evaluate/run.py).
-        digest = hashlib.sha256("\n".join(self.markers).encode()).hexdigest()[:8]
-        return f"refusal-markers(window={self.window}, list={digest})"
+        return self._name
 
     def refused(self, response: str) -> bool:
         head = _normalise(response[: self.window])
