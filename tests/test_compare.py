@@ -164,4 +164,9 @@ def test_compare_with_the_real_stages_on_a_tiny_model(tmp_path):
     for m in ("nest", "lora"):
         assert rate_of(result["methods"][m]["asr_mean"]) is not None
         assert result["methods"][m]["trainable_params"] > 0
+        change = result["methods"][m]["change"]  # paired with the base on the same behaviours
+        assert change["asr_mean"]["n"] == 3 and change["overrefusal"]["n"] == 2
+        assert change["asr_mean"]["change"] == pytest.approx(
+            rate_of(result["methods"][m]["asr_mean"]) - rate_of(result["base"]["asr_mean"]))
+    assert "## Change from the base" in (tmp_path / "cmp" / "compare.md").read_text()
     assert (tmp_path / "cmp" / "compare_plot.png").exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nestune.errors import NestuneError
-from nestune.evaluate.metrics import accuracy, bootstrap_ci, rate
+from nestune.evaluate.metrics import accuracy, bootstrap_ci, outcome_changes, paired_change, rate
 from nestune.evaluate.utility import (
     continuation_logprobs,
     extract_answer,
@@ -43,6 +43,37 @@ def test_rate_dicts():
     assert set(r) == {"rate", "ci", "n"} and r["rate"] == 0.75 and r["n"] == 4
     a = accuracy([True], 200, 0)
     assert a == {"acc": 1.0, "ci": [1.0, 1.0], "n": 1}
+
+
+def test_paired_change_counts_only_items_both_sides_scored():
+    change = paired_change({"a": 1, "b": 1, "c": 0, "d": 0}, {"a": 0, "b": 1, "c": 0, "d": 1, "e": 1}, 200, 0)
+    assert change["change"] == 0.0 and change["n"] == 4  # -1, 0, 0, +1; "e" has no before
+    assert change["ci"][0] < 0 < change["ci"][1]
+    assert paired_change({"a": 1}, {"b": 1}) is None
+
+
+def test_paired_interval_sees_a_change_the_two_rates_intervals_cannot():
+    # 40 items; 6 of the 20 solved ones are lost and nothing else moves: 50% -> 35%.
+    before = {str(i): int(i < 20) for i in range(40)}
+    after = {str(i): int(i < 14) for i in range(40)}
+    r_before, r_after = rate(before.values(), 1000, 0), rate(after.values(), 1000, 0)
+    assert r_after["ci"][1] > r_before["ci"][0]  # the intervals overlap: unpaired, no verdict
+    change = paired_change(before, after, 1000, 0)
+    assert change["change"] == pytest.approx(-0.15) and change["ci"][1] < 0
+
+
+def test_outcome_changes_pair_behaviours_on_the_attacks_both_sides_ran():
+    before = {"attacks": {"x/1": {"none": 1, "aim": 1, "dan": 1}, "x/2": {"none": 0, "aim": 1, "dan": 0}},
+              "overrefusal": {"o/1": 0, "o/2": 0}, "utility": {"arc-easy": {"q1": 1, "q2": 0}}, "gsm8k": {}}
+    after = {"attacks": {"x/1": {"none": 0, "aim": 1}, "x/2": {"none": 0, "aim": 0}},
+             "overrefusal": {"o/1": 1, "o/2": 0}, "utility": {"arc-easy": {"q1": 1, "q2": 1}}, "gsm8k": {}}
+    c = outcome_changes(before, after, 200, 0)
+    assert set(c["asr_by_attack"]) == {"none", "aim"}  # dan ran before only
+    assert c["asr_by_attack"]["none"]["change"] == -0.5 and c["asr_by_attack"]["aim"]["change"] == -0.5
+    assert c["asr_mean"]["change"] == pytest.approx(((0.5 - 1) + (0 - 0.5)) / 2) and c["asr_mean"]["n"] == 2
+    assert c["asr_any_attack"]["change"] == pytest.approx(-0.5)  # x/2 broken by aim before, by nothing after
+    assert c["overrefusal"]["change"] == 0.5 and c["utility"]["arc-easy"]["change"] == 0.5
+    assert c["gsm8k"] is None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -46,3 +46,32 @@ def test_benign_kl_is_recorded_when_eval_after_ends_and_outlives_the_logprob_fil
     for stage in ("eval-before", "eval-after"):
         (run.path / stage / "next_token_logprobs.safetensors").unlink()
     assert benign_kl(run) == expected  # from DONE.json now
+
+
+def test_results_and_report_carry_paired_changes(tmp_path):
+    from nestune.report import build_report
+
+    run = RunFolder(tmp_path / "run")
+    for stage, lost in (("eval-before", 0), ("eval-after", 6)):
+        utility = {str(i): int(lost <= i < 20) for i in range(40)}  # after: 6 of 20 solved items lost
+        metrics = {"utility": {"arc-easy": {"acc": sum(utility.values()) / 40, "ci": [0, 1], "n": 40}},
+                   "bootstrap": {"n_boot": 500, "seed": 0},
+                   "outcomes": {"attacks": {}, "overrefusal": {}, "utility": {"arc-easy": utility}, "gsm8k": {}}}
+        (run.stage(stage) / "metrics.json").write_text(json.dumps(metrics))
+    build_report(run)
+    results = json.loads((run.path / "results.json").read_text())
+    change = results["change"]["utility"]["arc-easy"]
+    assert change["change"] == -0.15 and change["n"] == 40 and change["ci"][1] < 0
+    assert "outcomes" not in results["before"]  # per-item outcomes stay in metrics.json
+    row = next(line for line in (run.path / "report.md").read_text().splitlines() if "utility arc-easy" in line)
+    assert row.endswith(f"| -15.0 [{100 * change['ci'][0]:+.1f}, {100 * change['ci'][1]:+.1f}] |")
+    assert "change, points" in (run.path / "report.html").read_text()
+
+
+def test_results_without_per_item_outcomes_have_no_change(tmp_path):
+    from nestune.report import collect_results
+
+    run = RunFolder(tmp_path / "run")
+    for stage in ("eval-before", "eval-after"):  # written before metrics.json held outcomes
+        (run.stage(stage) / "metrics.json").write_text(json.dumps({"overrefusal": {"rate": 0.1, "ci": [0, 0.2], "n": 10}}))
+    assert collect_results(run)["change"] is None

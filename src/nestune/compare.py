@@ -176,12 +176,16 @@ def metrics_row(metrics: dict | None) -> dict:
             "utility": m.get("utility") or {}, "gsm8k": m.get("gsm8k")}
 
 
-def method_row(run: RunFolder, method: str) -> dict:
+def method_row(run: RunFolder, method: str, before: dict | None = None) -> dict:
+    from .report import _changes
+
     train = _maybe(run.path / "train" / "summary.json") or {}
+    after = _maybe(run.path / "eval-after" / "metrics.json")
     row = {"method": method,
            **{k: train.get(k) for k in ("trainable_params", "wall_s", "peak_memory_bytes", "examples_seen",
                                         "steps", "lr", "final_loss")},
-           **metrics_row(_maybe(run.path / "eval-after" / "metrics.json"))}
+           **metrics_row(after),
+           "change": _changes(before, after)}  # from the base, paired by item
     try:
         from .report import benign_kl
 
@@ -210,7 +214,7 @@ def collect(cfg: Config, root: RunFolder, methods: list[str]) -> dict:
     from .robustness import robustness_summary
 
     before = _maybe(root.path / "eval-before" / "metrics.json")
-    rows = {m: method_row(RunFolder(root.path / "methods" / m), m) for m in methods}
+    rows = {m: method_row(RunFolder(root.path / "methods" / m), m, before) for m in methods}
     seen = {r["examples_seen"] for r in rows.values() if r["examples_seen"] is not None}
     t, ev = cfg.train, cfg.eval
     notes = []
@@ -274,6 +278,19 @@ def table_rows(result: dict, with_ci: bool = True) -> tuple[list[str], list[list
     return header, body
 
 
+def change_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Each method's change from the base, after - before on the same items, in points with a paired 95%
+    interval; no rows when the evaluations predate per-item outcomes."""
+    from .report import _fmt_change
+
+    rows = [r for r in result["methods"].values() if r.get("change")]
+    tasks = list(dict.fromkeys(t for r in rows for t in r["change"].get("utility") or {}))
+    header = ["method", "ASR mean", "ASR any attack", "over-refusal", *tasks, "GSM8K"]
+    return header, [[r["method"], *[_fmt_change(r["change"].get(k)) for k in ("asr_mean", "asr_any_attack", "overrefusal")],
+                     *[_fmt_change(r["change"]["utility"].get(t)) for t in tasks], _fmt_change(r["change"].get("gsm8k"))]
+                    for r in rows]
+
+
 def attack_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """ASR per attack: one row per model, one column per attack."""
     rows = [result["base"], *result["methods"].values()]
@@ -294,6 +311,10 @@ def render_markdown(result: dict) -> str:
              f"- same training examples for every method: {'yes' if result['same_examples_seen'] else 'no'}",
              *[f"- note: {n}" for n in result["notes"]], ""]
     lines += _md_table(*table_rows(result))
+    header, body = change_rows(result)
+    if body:
+        lines += ["", "## Change from the base (points, after - before on the same items, paired 95% interval)", ""]
+        lines += _md_table(header, body)
     header, body = attack_rows(result)
     if len(header) > 1:
         lines += ["", "## Attack success rate per attack", ""] + _md_table(header, body)
@@ -356,6 +377,10 @@ def render_html(result: dict, plot: Path | None) -> str:
                   "against trainable parameters; dashed line: the base model</figcaption></figure>")
     header, body = attack_rows(result)
     per_attack = f"<h2>Attack success rate per attack</h2>{_html_table(header, body)}" if len(header) > 1 else ""
+    header, body = change_rows(result)
+    changes = (f"<h2>Change from the base</h2><p>After minus before on the same items, in points, with a paired "
+               f"95% bootstrap interval: one that holds 0 cannot tell the method from the base.</p>"
+               f"{_html_table(header, body)}") if body else ""
     title = html.escape(f"nestune comparison: {result['model']}")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
@@ -366,6 +391,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}figcaption{{color:#555}}</style></h
 <h2>Methods</h2>{_html_table(*table_rows(result))}
 <p>Rates with 95% bootstrap intervals. Attack success = the model answered (3+ words of its own) and the judge found no refusal. ASR and over-refusal: lower
 is better; utility: higher is better.</p>
+{changes}
 {per_attack}
 {robustness_html(result)}
 {figure}

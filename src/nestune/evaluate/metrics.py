@@ -37,3 +37,47 @@ def accuracy(values, n_boot: int = 1000, seed: int = 0) -> dict:
     """Like `rate`, under the key a utility table reads: {"acc", "ci", "n"}."""
     r = rate(values, n_boot, seed)
     return {"acc": r["rate"], "ci": r["ci"], "n": r["n"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Changes, before -> after, paired by item
+
+def paired_change(before: dict, after: dict, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """{"change", "ci", "n"}: the mean of after - before over the items both sides scored ({item: value}).
+
+    The bootstrap resamples items with their two outcomes together, so an item that kept its outcome adds
+    no noise: the interval is much narrower than the gap between the two rates' own intervals suggests,
+    and says whether a change of a point or two is real on this many items.
+    """
+    items = [k for k in before if k in after]
+    if not items:
+        return None
+    mean, lo, hi = bootstrap_ci([float(after[k]) - float(before[k]) for k in items], n_boot, seed)
+    return {"change": mean, "ci": [lo, hi], "n": len(items)}
+
+
+def outcome_changes(before: dict, after: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Paired changes of every headline rate, from two evaluations' per-item outcomes (evaluate.run.outcomes).
+
+    Attack success pairs behaviours on the attacks both sides ran: a behaviour's share of successful
+    attacks for the mean, its any-attack outcome, and each attack's outcome.
+    """
+    b_att, a_att = before.get("attacks") or {}, after.get("attacks") or {}
+    names = [a for a in next(iter(b_att.values()), {}) if all(a in v for v in (*b_att.values(), *a_att.values()))]
+
+    def per_behaviour(side: dict, fn) -> dict:
+        return {k: fn([v[a] for a in names]) for k, v in side.items()} if names else {}
+
+    changes = {
+        "asr_mean": paired_change(per_behaviour(b_att, lambda x: sum(x) / len(x)),
+                                  per_behaviour(a_att, lambda x: sum(x) / len(x)), n_boot, seed),
+        "asr_any_attack": paired_change(per_behaviour(b_att, max), per_behaviour(a_att, max), n_boot, seed),
+        "asr_by_attack": {a: paired_change({k: v[a] for k, v in b_att.items()}, {k: v[a] for k, v in a_att.items()},
+                                           n_boot, seed) for a in names},
+        "overrefusal": paired_change(before.get("overrefusal") or {}, after.get("overrefusal") or {}, n_boot, seed),
+        "utility": {t: paired_change(v, (after.get("utility") or {}).get(t) or {}, n_boot, seed)
+                    for t, v in (before.get("utility") or {}).items()},
+        "gsm8k": paired_change(before.get("gsm8k") or {}, after.get("gsm8k") or {}, n_boot, seed),
+    }
+    changes["utility"] = {t: c for t, c in changes["utility"].items() if c}
+    return changes

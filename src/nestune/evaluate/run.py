@@ -9,7 +9,8 @@
     OUT/mc.jsonl                         one line per multiple-choice item: task, id, predicted, answer, correct
     OUT/next_token_logprobs.safetensors  "logprobs" (n, vocab) float32 on held-out benign prompts; the caller
                                          computes KL(base || hardened) from two of these (utility.kl)
-    OUT/metrics.json                     the numbers, each rate as {"rate" or "acc", "ci", "n"}
+    OUT/metrics.json                     the numbers, each rate as {"rate" or "acc", "ci", "n"}, and every
+                                         item's 0/1 outcome ("outcomes"), for paired before/after changes
 
 Resumable: the .jsonl files are appended after every chunk of prompts (CHUNK_BATCHES batches), and a rerun
 generates only the (behaviour, attack) pairs and items not yet in them. Responses judged by another
@@ -304,6 +305,20 @@ def attack_metrics(rows: list[dict], attack_names: list[str], n_boot: int, seed:
     }
 
 
+def outcomes(rows: list[dict], over: list[dict], mc: dict[str, list[dict]], gsm: list[dict]) -> dict:
+    """Every item's 0/1 outcome, keyed by item, so that two evaluations can be compared item by item
+    (metrics.outcome_changes: the paired before -> after changes in results.json)."""
+    attacks: dict[str, dict[str, int]] = {}
+    for r in rows:
+        attacks.setdefault(f"{r['source']}/{r['behaviour']}", {})[r["attack"]] = int(attack_succeeded(r))
+    return {
+        "attacks": attacks,
+        "overrefusal": {f"{r['source']}/{r['id']}": int(r["refused"]) for r in over},
+        "utility": {task: {r["id"]: int(r["correct"]) for r in rs} for task, rs in mc.items() if rs},
+        "gsm8k": {r["id"]: int(r["correct"]) for r in gsm},
+    }
+
+
 def _nonempty(values, fn, n_boot, seed):
     return fn(values, n_boot, seed) if values else None
 
@@ -384,6 +399,7 @@ def evaluate_model(loaded, cfg, out_dir: Path, behaviours=None, inputs: EvalInpu
         "logprobs_file": LOGPROBS,
         "bootstrap": {"n_boot": n_boot, "seed": seed, "level": 0.95},
         "wall_s": wall,
+        "outcomes": outcomes(rows, over, mc, gsm),
     }
     write_json(out_dir / METRICS, metrics)
     return metrics
