@@ -139,3 +139,32 @@ def test_decaying_lr_resumes_exactly_after_a_crash(tmp_path):
     resumed, stats = small_run(tmp_path / "resumed", "linear")
     assert stats["steps"] == 4
     assert torch.equal(whole, resumed)
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_epoch_batches_hold_every_example_once(group_by_length):
+    import random
+
+    from nestune.train import epoch_batches
+
+    lengths = [random.Random(i).randint(5, 120) for i in range(101)]
+    batches = epoch_batches(lengths, 8, group_by_length, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(101))
+    assert len(batches) == 13 and sorted(len(b) for b in batches)[1:] == [8] * 12
+    assert batches == epoch_batches(lengths, 8, group_by_length, random.Random(0))  # resumable: rng decides
+    assert batches != epoch_batches(lengths, 8, group_by_length, random.Random(1))
+
+
+def test_grouping_by_length_cuts_padding():
+    import random
+
+    from nestune.train import epoch_batches
+
+    lengths = [random.Random(i).randint(40, 130) for i in range(192)]
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    plain = padded(epoch_batches(lengths, 8, False, random.Random(0)))
+    grouped = padded(epoch_batches(lengths, 8, True, random.Random(0)))
+    assert grouped < 0.9 * plain and grouped >= sum(lengths)

@@ -63,6 +63,9 @@ class TrainConfig:
     # constant, linear or cosine (both decay to 0 at the last step). Linear: on smollm2-135m, seeds 0-3, same
     # detection and targets, mean ASR 20.1% -> 7.6% against constant, utility nearer the base (README)
     lr_schedule: str = "linear"
+    # Batches of similar length (train.epoch_batches): on smollm2-135m 20% less train time, but the batches'
+    # new make-up moved each seed's ASR by up to 13 points either way (seeds 0-3, README); off by default
+    group_by_length: bool = False
     prefill_fraction: float = 0.25  # harmful examples that open affirmatively, then refuse (train.py)
     benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original
     benign_weight: float = 1.0

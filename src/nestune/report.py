@@ -45,7 +45,8 @@ def _side(metrics: dict | None) -> dict | None:
 
 def _changes(before: dict | None, after: dict | None) -> dict | None:
     """After - before, paired by item, for every headline rate; None when an evaluation predates the
-    per-item outcomes in metrics.json (rerun `nestune eval` into that folder to add them)."""
+    per-item outcomes in metrics.json (delete its DONE.json and rerun the same `nestune run`: the stage
+    resumes from its saved answers, so only the metrics are computed again)."""
     if not (before and after and before.get("outcomes") and after.get("outcomes")):
         return None
     from .evaluate.metrics import outcome_changes

@@ -356,6 +356,31 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     return 1.0
 
 
+# With group_by_length, batches are cut from runs of this many batches sorted by length: on smollm2-135m's
+# default data, random batches are padded to 1.34x the real tokens, runs of 4 to 1.10x (train 246 -> 198 s).
+LENGTH_GROUP_BATCHES = 4
+
+
+def epoch_batches(lengths: list[int], batch_size: int, group_by_length: bool, rng: random.Random) -> list[list[int]]:
+    """One epoch's batches of example indices, in a random order drawn from `rng`.
+
+    Left padding costs compute in every layer, so with `group_by_length` each run of LENGTH_GROUP_BATCHES
+    shuffled batches is re-cut by length (as in transformers' group_by_length, with smaller runs so the
+    batches stay mixed) and the batch order is shuffled again.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    run = batch_size * LENGTH_GROUP_BATCHES
+    batches = []
+    for start in range(0, len(order), run):
+        part = sorted(order[start:start + run], key=lambda i: lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Example], cfg: Config,
                folder: Path, loss_fn=None, pad_id: int = 0, accelerator=None,
                lr_scales: dict[str, float] | None = None) -> dict:
@@ -405,9 +430,8 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
     for epoch in range(position["epoch"], epochs):
-        order = list(range(len(examples)))
-        random.Random(cfg.seed + epoch).shuffle(order)
-        batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+        batches = epoch_batches([len(e.input_ids) for e in examples], t.batch_size, t.group_by_length,
+                                random.Random(cfg.seed + epoch))
         for i in range(0, len(batches), t.grad_accum):
             if step >= total_steps:
                 break
