@@ -177,7 +177,7 @@ def metrics_row(metrics: dict | None) -> dict:
 
 
 def method_row(run: RunFolder, method: str, before: dict | None = None) -> dict:
-    from .report import _changes
+    from .report import paired_changes
 
     train = _maybe(run.path / "train" / "summary.json") or {}
     after = _maybe(run.path / "eval-after" / "metrics.json")
@@ -185,7 +185,7 @@ def method_row(run: RunFolder, method: str, before: dict | None = None) -> dict:
            **{k: train.get(k) for k in ("trainable_params", "wall_s", "peak_memory_bytes", "examples_seen",
                                         "steps", "lr", "final_loss")},
            **metrics_row(after),
-           "change": _changes(before, after)}  # from the base, paired by item
+           "change": paired_changes(before, after)}  # from the base, paired by item
     try:
         from .report import benign_kl
 
@@ -230,7 +230,7 @@ def collect(cfg: Config, root: RunFolder, methods: list[str]) -> dict:
         "budget": {"epochs": t.epochs, "max_steps": t.max_steps, "batch_size": t.batch_size,
                    "grad_accum": t.grad_accum, "n_harmful": t.n_harmful, "n_benign": t.n_benign,
                    "answer_tokens": t.answer_tokens, "max_length": t.max_length, "benign_loss": t.benign_loss,
-                   "lr_schedule": t.lr_schedule,
+                   "lr_schedule": t.lr_schedule, "group_by_length": t.group_by_length,
                    "n_behaviours": ev.n_behaviours, "attacks": ev.attacks, "max_new_tokens": ev.max_new_tokens,
                    "n_overrefusal": ev.n_overrefusal, "utility_tasks": ev.utility_tasks, "n_utility": ev.n_utility},
         "same_examples_seen": len(seen) <= 1,
@@ -281,13 +281,13 @@ def table_rows(result: dict, with_ci: bool = True) -> tuple[list[str], list[list
 def change_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Each method's change from the base, after - before on the same items, in points with a paired 95%
     interval; no rows when the evaluations predate per-item outcomes."""
-    from .report import _fmt_change
+    from .report import fmt_change
 
     rows = [r for r in result["methods"].values() if r.get("change")]
     tasks = list(dict.fromkeys(t for r in rows for t in r["change"].get("utility") or {}))
     header = ["method", "ASR mean", "ASR any attack", "over-refusal", *tasks, "GSM8K"]
-    return header, [[r["method"], *[_fmt_change(r["change"].get(k)) for k in ("asr_mean", "asr_any_attack", "overrefusal")],
-                     *[_fmt_change(r["change"]["utility"].get(t)) for t in tasks], _fmt_change(r["change"].get("gsm8k"))]
+    return header, [[r["method"], *[fmt_change(r["change"].get(k)) for k in ("asr_mean", "asr_any_attack", "overrefusal")],
+                     *[fmt_change(r["change"]["utility"].get(t)) for t in tasks], fmt_change(r["change"].get("gsm8k"))]
                     for r in rows]
 
 

@@ -43,7 +43,7 @@ def _side(metrics: dict | None) -> dict | None:
     return {k: metrics[k] for k in keep if k in metrics}
 
 
-def _changes(before: dict | None, after: dict | None) -> dict | None:
+def paired_changes(before: dict | None, after: dict | None) -> dict | None:
     """After - before, paired by item, for every headline rate; None when an evaluation predates the
     per-item outcomes in metrics.json (delete its DONE.json and rerun the same `nestune run`: the stage
     resumes from its saved answers, so only the metrics are computed again)."""
@@ -76,7 +76,7 @@ def collect_results(run: RunFolder) -> dict:
                                                "examples_seen", "n_neurons", "n_clusters")} if train else None,
         "before": _side(before),
         "after": _side(after),
-        "change": _changes(before, after),
+        "change": paired_changes(before, after),
         "benign_kl": benign_kl(run),
         "timings_s": _maybe(run.path / "timings.json"),
     }
@@ -186,7 +186,7 @@ def _fmt(d) -> str:
     return f"{100 * r:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" + (f" n={n}" if n else "")
 
 
-def _fmt_change(d) -> str:
+def fmt_change(d) -> str:
     if not d:
         return "-"
     lo, hi = d["ci"]
@@ -205,7 +205,7 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
         def pick(d: dict):
             return (d.get(key) or {}).get(sub) if sub else d.get(key)
 
-        return (name, _fmt(pick(before)), _fmt(pick(after)), _fmt_change(pick(change)))
+        return (name, _fmt(pick(before)), _fmt(pick(after)), fmt_change(pick(change)))
 
     rows = [row("ASR mean over attacks", "asr_mean"), row("ASR any attack (behaviours broken)", "asr_any_attack")]
     rows += [row(f"ASR {a}", "asr_by_attack", a) for a in (before.get("asr_by_attack") or after.get("asr_by_attack") or {})]

@@ -365,8 +365,9 @@ def epoch_batches(lengths: list[int], batch_size: int, group_by_length: bool, rn
     """One epoch's batches of example indices, in a random order drawn from `rng`.
 
     Left padding costs compute in every layer, so with `group_by_length` each run of LENGTH_GROUP_BATCHES
-    shuffled batches is re-cut by length (as in transformers' group_by_length, with smaller runs so the
-    batches stay mixed) and the batch order is shuffled again.
+    shuffled batches is re-cut by length (as transformers' group_by_length does over larger runs) and the
+    batch order is shuffled again. That changes which examples share a batch: harmful prompts are shorter
+    than benign ones, so batches become mostly one kind or the other.
     """
     order = list(range(len(lengths)))
     rng.shuffle(order)
