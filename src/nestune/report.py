@@ -237,7 +237,7 @@ def render_markdown(results: dict) -> str:
                          f"{v.get('accuracy', 0):.3f}, precision {v.get('precision', 0):.3f}, recall "
                          f"{v.get('recall', 0):.3f}")
     lines.append(f"- decoding: {results.get('decoding')}")
-    lines += ["", "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|---|---|---|---|"]
+    lines += ["", "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(results)]
     lines += robustness_lines(results)
     if results.get("timings_s"):

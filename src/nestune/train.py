@@ -430,9 +430,9 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
         _reset_peak_rss()
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
+    lengths = [len(e.input_ids) for e in examples]
     for epoch in range(position["epoch"], epochs):
-        batches = epoch_batches([len(e.input_ids) for e in examples], t.batch_size, t.group_by_length,
-                                random.Random(cfg.seed + epoch))
+        batches = epoch_batches(lengths, t.batch_size, t.group_by_length, random.Random(cfg.seed + epoch))
         for i in range(0, len(batches), t.grad_accum):
             if step >= total_steps:
                 break
