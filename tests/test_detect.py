@@ -261,6 +261,22 @@ def test_probe_finds_the_informative_neuron():
     assert probes["c"]["weight"].shape == (16,)
 
 
+def test_probes_do_not_depend_on_how_modules_are_stacked(monkeypatch):
+    """One stack per core or one module per stack: the same probes up to float rounding, the same selection."""
+    from nestune import detect
+
+    features = {f"m{i}": synthetic(width=48, informative=i, seed=i)[0] for i in range(6)}
+    labels = synthetic()[1]
+    heldout = heldout_split(labels, 0.25, 0)
+    stacked = train_probes(features, labels, 300, 1e-2, 1e-3, 0, heldout)
+    monkeypatch.setattr(detect, "CPU_STACK_MAX_BYTES", 1)  # every module alone
+    alone = train_probes(features, labels, 300, 1e-2, 1e-3, 0, heldout)
+    for i, name in enumerate(features):
+        torch.testing.assert_close(stacked[name]["weight"], alone[name]["weight"], atol=1e-5, rtol=1e-4)
+        assert select_neurons(stacked[name]["weight"], 3.0, "positive")[0].tolist() == [i]
+        assert select_neurons(alone[name]["weight"], 3.0, "positive")[0].tolist() == [i]
+
+
 def test_probe_without_heldout_has_nan_auc():
     x, labels = synthetic()
     probes = train_probes({"a": x}, labels, 50, 1e-2, 1e-3, 0, None)

@@ -130,12 +130,14 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
 # ---------------------------------------------------------------------------------------------------------
 # Probes
 
-# On CPU the probes are small matrix-vector products, bound by memory bandwidth and by thread barriers.
-# So modules go in chunks that stay in cache, and each core trains whole chunks single-threaded: with
-# torch's own threads every op of every epoch waits on a barrier, which made training 2-4x slower as soon
-# as another process used a core. smollm2-135m's 60 probes (240 prompts x 1536 neurons, 5,000 epochs) take
-# ~10 s on 2 idle cores. On a GPU all modules of one width go at once.
-CPU_CHUNK_BYTES = 8 * 2**20
+# On CPU the probes are small matrix-vector products, bound by memory bandwidth and by per-op overhead. Each
+# core trains one stack of modules single-threaded: with torch's own threads every op of every epoch waits on
+# a barrier, which made training 2-4x slower as soon as another process used a core. One stack per core
+# (smollm2-135m: 30 modules, 44 MB a stack) runs 5,000 epochs of fewer, larger ops than cache-sized stacks of
+# 8 MiB did: 24-30 s against 29-35 s for its 60 probes (240 prompts x 1536 neurons) on 2 slow cores, with the
+# same neurons selected on seeds 0-3 (BENCHMARKS.md). A stack is capped in size so that large models' copies
+# stay small. On a GPU all modules of one width go at once.
+CPU_STACK_MAX_BYTES = 256 * 2**20
 
 
 def standardise(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,9 +190,9 @@ def train_probes(features: dict[str, torch.Tensor], labels: torch.Tensor, epochs
 
     features: {name: (n_prompts, n_neurons)}; labels: (n_prompts,) 1 harmful / 0 benign; heldout_mask:
     (n_prompts,) bool, prompts kept out of training and used for the AUC. Targets of equal width are stacked
-    into (modules, prompts, neurons) tensors: one per width on a GPU, cache-sized chunks spread over the
-    cores on CPU. Training is deterministic (zero init, full batch); `seed` only seeds torch for symmetry
-    with the other stages.
+    into (modules, prompts, neurons) tensors: one per width on a GPU, one stack per core on CPU (capped at
+    CPU_STACK_MAX_BYTES). Training is deterministic (zero init, full batch); `seed` only seeds torch for
+    symmetry with the other stages.
 
     Returns {name: {"weight": (n,), "bias": float, "mean": (n,), "std": (n,), "auc": held-out AUC (NaN
     without held-out prompts of both classes), "train_acc": float}}; weights apply to standardised features.
@@ -208,8 +210,10 @@ def train_probes(features: dict[str, torch.Tensor], labels: torch.Tensor, epochs
         by_width.setdefault(x.shape[1], []).append(name)
     chunks = []
     for width, names in by_width.items():
-        per_module = int(train.sum()) * width * 4
-        step = max(1, CPU_CHUNK_BYTES // per_module) if device.type == "cpu" else len(names)
+        step = len(names)
+        if device.type == "cpu":
+            per_module = int(train.sum()) * width * 4
+            step = max(1, min(math.ceil(len(names) / torch.get_num_threads()), CPU_STACK_MAX_BYTES // per_module))
         chunks += [names[i : i + step] for i in range(0, len(names), step)]
 
     def job(names: list[str]):
