@@ -229,9 +229,10 @@ def test_missing_file(tmp_path):
         data.load_prompt_file(tmp_path / "nope.txt")
 
 
-def test_empty_file(tmp_path):
-    path = tmp_path / "empty.txt"
-    path.write_text("\n\n   \n")
+@pytest.mark.parametrize("name", ["empty.txt", "empty.jsonl", "empty.csv", "header-only.csv"])
+def test_empty_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_text({"header-only.csv": "prompt\n", "empty.csv": ""}.get(name, "\n\n   \n"))
     with pytest.raises(NestuneError, match="no prompts"):
         data.load_prompt_file(path)
 

@@ -442,6 +442,8 @@ def load_prompt_file(path: str | Path, column: str | None = None) -> list[Prompt
         ids, rows, columns = readers[suffix](path)
     except UnicodeDecodeError as e:
         raise NestuneError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})", "save it as UTF-8") from None
+    if not ids:
+        raise NestuneError(f"no prompts in {path}: the file is empty", "give a file with one prompt per row")
     if suffix == ".txt":
         prompts = [Prompt(text, path.stem, id_) for id_, text in zip(ids, rows)]
     else:
@@ -464,7 +466,8 @@ def _read_csv(path: Path):
             rows = list(reader)
         except csv.Error as e:
             raise NestuneError(f"{path}, line {reader.line_num}: malformed CSV ({e})", "fix the file") from None
-    return [str(i) for i in range(len(rows))], rows, list(reader.fieldnames or [])
+        columns = list(reader.fieldnames or [])  # read lazily from the file, so while it is open
+    return [str(i) for i in range(len(rows))], rows, columns
 
 
 def _read_jsonl(path: Path):
