@@ -212,6 +212,10 @@ CATALOGUE = [
     ("run-folder-of-another-model", lambda a, t, m: (run_of_model(t, "smollm2-135m"),
                                                     detect_with(a, t, *data_args(a)))[1],
      ["holds a run of model 'smollm2-135m'", "new --out folder"]),
+    ("run-folder-with-other-settings", lambda a, t, m: (run_of_model(t, a.tiny, ("detect", "cluster", "train")),
+                                                       ["run", "--model", a.tiny, "--out", t / "run", "--set",
+                                                        "train.lr=0.7"])[1],
+     ["train' finished with other settings: train.lr=0.0 (now 0.7)", "pass the same settings to resume"]),
     ("corrupt-run-config", lambda a, t, m: (write(t / "run" / "config.json", '{"model": '),
                                             ["cluster", "--out", t / "run"])[1],
      ["config.json' is corrupt", "delete it"]),
@@ -252,6 +256,10 @@ CATALOGUE = [
     ("missing-required-flag", lambda a, t, m: ["cluster"], ["required: --out", "nestune cluster --help"]),
     ("unknown-command", lambda a, t, m: ["harden"], ["invalid choice: 'harden'", "nestune --help"]),
     # --- evaluation
+    ("eval-folder-of-another-model", lambda a, t, m: (
+        write(t / "run" / "eval" / "evaluated_model.json", '{"model": "smollm2-135m", "adapter": null, "dtype": "auto"}'),
+        eval_with_stub_data(a, t, m))[1],
+     ["holds the answers of 'smollm2-135m' (dtype auto), not of", "use a new --out folder for this model"]),
     ("unknown-attack", lambda a, t, m: eval_with_stub_data(a, t, m, "--attacks", "none,dan99"),
      ["unknown attack(s): dan99", "available: none, prefill, aim"]),
     ("unknown-judge", lambda a, t, m: eval_with_stub_data(a, t, m, "--judge", "gpt-judge"),

@@ -32,10 +32,9 @@ from .errors import NestuneError
 from .io import read_json, write_json, write_text
 from .models import LoadedModel, load_model, resolve_device
 from .report import robustness_html, robustness_lines
-from .runfolder import RunFolder
+from .runfolder import SELECTION_METHODS, RunFolder
 
 METHODS = ("nest", "neurons", "random", "full", "lora", "circuit-breakers")
-SELECTION_METHODS = ("nest", "neurons", "random")  # these train on the detected neurons
 
 
 def parse_methods(methods: str | list[str]) -> list[str]:
@@ -86,6 +85,7 @@ def run_compare(cfg: Config, methods: str | list[str], out: str | Path, evaluate
     cfg = copy.deepcopy(cfg)
     cfg.out = str(out)
     root = RunFolder(out)
+    root.check_resumable(cfg)
     root.save_config(cfg)
     base: LoadedModel | None = None
 
@@ -126,6 +126,7 @@ def run_method(cfg: Config, root: RunFolder, method: str, targets: Path, evaluat
     mcfg = copy.deepcopy(cfg)
     mcfg.train.method = method
     mcfg.out = str(run.path)
+    run.check_resumable(mcfg)
     run.save_config(mcfg)
     shared = ["eval-before"] + (["detect", "cluster"] if method in SELECTION_METHODS else [])
     for name in shared:

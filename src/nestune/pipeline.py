@@ -8,12 +8,16 @@ disk, which also proves that the checkpoint loads as a plain Hugging Face model.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from .config import Config
+from .errors import NestuneError
 from .io import read_json, write_json
 from .models import LoadedModel, load_model
 from .report import benign_kl, build_report, print_metrics, print_summary
-from .runfolder import RunFolder
+from .runfolder import SELECTION_METHODS, RunFolder
+
+EVALUATED_MODEL = "evaluated_model.json"  # in RUN/eval: which model (and adapter, dtype) its answers are from
 
 
 def _load(cfg: Config, spec: str | None = None) -> LoadedModel:
@@ -41,6 +45,7 @@ def run_pipeline(cfg: Config, evaluate: bool = True) -> dict:
     from .train import run_train
 
     run = RunFolder(cfg.out)
+    run.check_resumable(cfg)
     run.save_config(cfg)
     timings = read_json(run.path / "timings.json") if (run.path / "timings.json").exists() else {}
     base: LoadedModel | None = None
@@ -61,7 +66,7 @@ def run_pipeline(cfg: Config, evaluate: bool = True) -> dict:
         timings[name] = round(time.perf_counter() - start, 1)
         write_json(run.path / "timings.json", timings)
 
-    needs_selection = cfg.train.method in ("nest", "neurons", "random")
+    needs_selection = cfg.train.method in SELECTION_METHODS
     if needs_selection:
         stage("detect", lambda: run_detect(cfg, run, loaded=base_model()))
         stage("cluster", lambda: run_cluster(cfg, run))
@@ -79,17 +84,39 @@ def run_pipeline(cfg: Config, evaluate: bool = True) -> dict:
     return timings
 
 
+def evaluated_model(cfg: Config, adapter: str | None) -> dict:
+    """What `nestune eval` evaluates: the model (a path made absolute), the adapter if any, the dtype."""
+    model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+    return {"model": model, "adapter": str(Path(adapter).resolve()) if adapter else None, "dtype": cfg.dtype}
+
+
+def _describe(model: dict) -> str:
+    adapter = f" with adapter '{model['adapter']}'" if model.get("adapter") else ""
+    return f"'{model.get('model')}'{adapter} (dtype {model.get('dtype')})"
+
+
+def check_evaluated_model(eval_dir: Path, model: dict) -> None:
+    """An evaluation folder reuses its saved answers, so it must hold one model's: refuse another's.
+
+    Without this, `nestune eval --model B --out DIR` after `--model A` reported A's answers as B's.
+    """
+    path = eval_dir / EVALUATED_MODEL
+    if path.exists() and read_json(path) != model:
+        raise NestuneError(f"'{eval_dir}' holds the answers of {_describe(read_json(path))}, not of {_describe(model)}",
+                           f"use a new --out folder for this model, or delete {eval_dir}")
+    write_json(path, model)
+
+
 def eval_command(cfg: Config, adapter: str | None = None) -> dict:
     """`nestune eval`: evaluate one model (base, folded, or base + adapter) into RUN/eval."""
     from .tuner import NeSTAdapter, check_same_base
 
     if adapter and cfg.eval.generator == "vllm":
-        from .errors import NestuneError
-
         raise NestuneError("vLLM reads the model's weights from disk, so it would evaluate the model without "
                            "the adapter", "fold it first (`nestune apply --adapter A --model M --out DIR`) and "
                            "evaluate DIR, or use --generator hf")
     run = RunFolder(cfg.out)
+    check_evaluated_model(run.stage("eval"), evaluated_model(cfg, adapter))
     loaded = _load(cfg)
     if adapter:
         nest, config = NeSTAdapter.load(adapter)

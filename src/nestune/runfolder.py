@@ -2,7 +2,8 @@
 
     RUN/config.json          resolved configuration of the latest invocation
     RUN/<stage>/...          artifacts of a stage (detect, cluster, train, fold, eval-before, eval-after, ...)
-    RUN/<stage>/DONE.json    written last, atomically: a stage without it is incomplete and is redone
+    RUN/<stage>/DONE.json    written last, atomically: a stage without it is incomplete and is redone; it
+                             records the settings the stage ran with (`stage_settings`)
     RUN/results.json         headline numbers (written by the report stage)
 """
 
@@ -18,10 +19,35 @@ from .io import read_json, write_json
 
 FORMAT_VERSION = 1
 
+# The config keys each stage's output depends on, its own and those of the stages it reads (a section name
+# stands for all its keys). Keys that change only speed (batch sizes, the generation engine, sharding) are
+# left out: resuming with another batch size is fine.
+SPEED_ONLY = ("detect.batch_size", "eval.batch_size", "eval.generator", "train.fsdp")
+SELECTION_METHODS = ("nest", "neurons", "random")  # these train on the detected neurons
+PIPELINE_STAGES = ("detect", "cluster", "eval-before", "train", "fold", "eval-after")
+
+
+def stage_settings(cfg: Config, stage: str) -> dict:
+    """{dotted key: value} of the settings that decide what `stage` computes, for its DONE.json."""
+    if cfg.train.method in SELECTION_METHODS:
+        train = ["detect", "cluster", "train"]
+    else:  # the baselines read only the prompt sets of the detect section
+        train = ["detect.harmful", "detect.benign", "train"]
+    parts = {"detect": ["detect"], "cluster": ["detect", "cluster"], "train": train, "fold": train,
+             "eval-before": ["eval"], "eval-after": train + ["eval"]}.get(stage, ["eval"])
+    values = cfg.to_dict()
+    settings = {"model": cfg.model, "seed": cfg.seed, "dtype": cfg.dtype}
+    for part in parts:
+        section, _, key = part.partition(".")
+        keys = [key] if key else list(values[section])
+        settings.update({f"{section}.{k}": values[section][k] for k in keys if f"{section}.{k}" not in SPEED_ONLY})
+    return settings
+
 
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.config: Config | None = None  # set by save_config; finished stages record their settings from it
         if self.path.exists() and not self.path.is_dir():
             raise NestuneError(f"run folder '{self.path}' is a file, not a folder",
                                "pass a new or existing folder as --out")
@@ -35,9 +61,10 @@ class RunFolder:
         return (self.path / name / "DONE.json").exists()
 
     def mark_done(self, name: str, info: dict | None = None) -> None:
+        settings = {"settings": stage_settings(self.config, name)} if self.config is not None else {}
         write_json(self.stage(name) / "DONE.json",
                    {"stage": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "nestune": __version__,
-                    "format": FORMAT_VERSION, **(info or {})})
+                    "format": FORMAT_VERSION, **(info or {}), **settings})
 
     def require(self, name: str, hint: str) -> Path:
         if not self.done(name):
@@ -48,6 +75,7 @@ class RunFolder:
         """Save the resolved config; refuse a folder that holds another model's run."""
         self.check_compatible(cfg)
         write_json(self.path / "config.json", {"nestune": __version__, "format": FORMAT_VERSION, **cfg.to_dict()})
+        self.config = cfg
 
     def saved_config(self) -> dict | None:
         f = self.path / "config.json"
@@ -83,3 +111,34 @@ class RunFolder:
                 f"run folder '{self.path}' holds a run of model '{saved.get('model')}', not '{cfg.model}'",
                 "use a new --out folder, or pass the same --model to resume",
             )
+
+    def check_resumable(self, cfg: Config, stages=PIPELINE_STAGES) -> None:
+        """Refuse to resume past finished stages that ran with other settings than `cfg` asks for.
+
+        Otherwise a rerun with a changed setting would skip them and report their old results under the new
+        config.json. Only keys that both sides have are compared (a DONE.json from an older nestune records
+        fewer or none).
+        """
+        stale = []
+        for name in stages:
+            done = self.path / name / "DONE.json"
+            if not done.exists():
+                continue
+            recorded = read_json(done).get("settings") or {}
+            now = stage_settings(cfg, name)
+            changed = [k for k in now if k in recorded and recorded[k] != now[k]]
+            if changed:
+                stale.append((name, [(k, recorded[k], now[k]) for k in changed]))
+        if not stale:
+            return
+        name, changed = stale[0]
+        shown = ", ".join(f"{k}={old!r} (now {new!r})" for k, old, new in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        # An evaluation whose own settings alone changed reuses its saved answers once its DONE.json is gone;
+        # one of another model (other training, dtype or seed) and the other stages start over.
+        redo = [str(self.path / n / "DONE.json") if n.startswith("eval") and all(k.startswith("eval.") for k, _, _ in c)
+                else str(self.path / n) for n, c in stale]
+        raise NestuneError(
+            f"'{self.path / name}' finished with other settings: {shown}{more}",
+            f"pass the same settings to resume, or use a new --out folder; to redo it here, delete {' and '.join(redo)}",
+        )

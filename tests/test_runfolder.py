@@ -1,0 +1,84 @@
+"""Run folders: finished stages record their settings, and a rerun with other settings is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nestune.config import load_config
+from nestune.errors import NestuneError
+from nestune.runfolder import PIPELINE_STAGES, RunFolder, stage_settings
+
+
+def config(**sets):
+    overrides = {"model": "smollm2-135m", **{key.replace("__", "."): value for key, value in sets.items()}}
+    return load_config(overrides=overrides, environ={})
+
+
+def finished_run(path, cfg, stages=PIPELINE_STAGES) -> RunFolder:
+    run = RunFolder(path)
+    run.save_config(cfg)
+    for name in stages:
+        run.mark_done(name)
+    return run
+
+
+def test_stage_settings_hold_what_each_stage_depends_on():
+    cfg = config()
+    detect, cluster, train = (stage_settings(cfg, s) for s in ("detect", "cluster", "train"))
+    before, after = stage_settings(cfg, "eval-before"), stage_settings(cfg, "eval-after")
+    assert detect["detect.z_threshold"] == cfg.detect.z_threshold and "cluster.k_max" not in detect
+    assert set(detect) < set(cluster) < set(train) and "train.lr" in train and "eval.n_behaviours" not in train
+    assert "eval.n_behaviours" in before and "train.lr" not in before and "detect.z_threshold" not in before
+    assert set(train) < set(after) and stage_settings(cfg, "fold") == train
+    for settings in (detect, train, after):  # speed-only keys are left out
+        assert not {"detect.batch_size", "eval.batch_size", "eval.generator"} & set(settings)
+    lora = stage_settings(config(train__method="lora"), "train")
+    assert "detect.harmful" in lora and "detect.z_threshold" not in lora and "cluster.k_max" not in lora
+
+
+def test_done_json_records_the_settings(tmp_path):
+    cfg = config(train__lr=0.3)
+    run = finished_run(tmp_path / "r", cfg, ["train"])
+    recorded = json.loads((run.path / "train" / "DONE.json").read_text())["settings"]
+    assert recorded == stage_settings(cfg, "train") and recorded["train.lr"] == 0.3
+
+
+def test_same_or_speed_only_settings_resume(tmp_path):
+    run = finished_run(tmp_path / "r", config())
+    run.check_resumable(config())
+    run.check_resumable(config(eval__batch_size=7, detect__batch_size=3))
+
+
+@pytest.mark.parametrize("key, value, first, folders", [
+    ("detect__z_threshold", 2.5, "detect", ["detect", "cluster", "train", "fold", "eval-after"]),
+    ("train__lr", 0.7, "train", ["train", "fold", "eval-after"]),
+    ("eval__n_behaviours", 5, "eval-before", ["eval-before/DONE.json", "eval-after/DONE.json"]),
+])
+def test_changed_settings_are_refused(tmp_path, key, value, first, folders):
+    run = finished_run(tmp_path / "r", config())
+    with pytest.raises(NestuneError) as err:
+        run.check_resumable(config(**{key: value}))
+    message = str(err.value)
+    assert f"'{run.path / first}' finished with other settings" in message
+    assert f"{key.replace('__', '.')}=" in message and f"(now {value!r})" in message
+    assert "delete " + " and ".join(str(run.path / f) for f in folders) in message
+
+
+def test_stages_finished_before_settings_were_recorded_resume(tmp_path):
+    run = finished_run(tmp_path / "r", config())
+    done = run.path / "detect" / "DONE.json"
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "settings"}))
+    RunFolder(run.path).check_resumable(config(detect__z_threshold=2.5), ["detect"])
+
+
+def test_refused_rerun_leaves_config_json_alone(tmp_path):
+    from nestune.pipeline import run_pipeline
+
+    run = finished_run(tmp_path / "r", config())
+    cfg = config(train__lr=0.7)
+    cfg.out = str(run.path)
+    with pytest.raises(NestuneError, match="train.lr"):
+        run_pipeline(cfg)
+    assert json.loads((run.path / "config.json").read_text())["train"]["lr"] == 0.0
