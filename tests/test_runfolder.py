@@ -82,3 +82,31 @@ def test_refused_rerun_leaves_config_json_alone(tmp_path):
     with pytest.raises(NestuneError, match="train.lr"):
         run_pipeline(cfg)
     assert json.loads((run.path / "config.json").read_text())["train"]["lr"] == 0.0
+
+
+def test_unfinished_stage_with_other_settings_is_refused(tmp_path):
+    """A killed training's checkpoint must not be continued under another lr; an unfinished evaluation's
+    answers serve other evaluation settings of the same model."""
+    run = RunFolder(tmp_path / "r")
+    run.save_config(config())
+    run.mark_done("detect")
+    run.mark_done("cluster")
+    run.mark_started("train")
+    run.mark_started("eval-before")
+    run.check_resumable(config(eval__n_behaviours=48))
+    with pytest.raises(NestuneError) as err:
+        run.check_resumable(config(train__lr=0.7))
+    assert "train' holds unfinished work with other settings: train.lr=0.0 (now 0.7)" in str(err.value)
+    assert str(err.value).endswith(f"delete {run.path / 'train'}")
+    with pytest.raises(NestuneError, match="eval-before' holds unfinished work with other settings: seed=0"):
+        run.check_resumable(config(seed=1), ["eval-before"])
+
+
+def test_a_stage_records_what_its_input_was_made_with(tmp_path):
+    """`nestune cluster` after `nestune detect --z-threshold 2.5` (no flag repeated): cluster ran on 2.5's neurons."""
+    path = tmp_path / "r"
+    finished_run(path, config(detect__z_threshold=2.5), ["detect"])
+    run = finished_run(path, config(cluster__k_max=4), ["cluster"])
+    recorded = json.loads((run.path / "cluster" / "DONE.json").read_text())["settings"]
+    assert recorded["detect.z_threshold"] == 2.5 and recorded["cluster.k_max"] == 4
+    run.check_resumable(config(detect__z_threshold=2.5, cluster__k_max=4))

@@ -58,6 +58,7 @@ def _stage(run: RunFolder, name: str, fn) -> None:
         print(f"[{run.path.name}/{name}] already complete; skipping", flush=True)
         return
     print(f"[{run.path.name}/{name}]", flush=True)
+    run.mark_started(name)
     fn()
 
 

@@ -61,6 +61,7 @@ def run_pipeline(cfg: Config, evaluate: bool = True) -> dict:
             print(f"[{name}] already complete in {run.path / name}; skipping", flush=True)
             return
         print(f"[{name}]", flush=True)
+        run.mark_started(name)
         start = time.perf_counter()
         fn()
         timings[name] = round(time.perf_counter() - start, 1)

@@ -2,8 +2,9 @@
 
     RUN/config.json          resolved configuration of the latest invocation
     RUN/<stage>/...          artifacts of a stage (detect, cluster, train, fold, eval-before, eval-after, ...)
-    RUN/<stage>/DONE.json    written last, atomically: a stage without it is incomplete and is redone; it
-                             records the settings the stage ran with (`stage_settings`)
+    RUN/<stage>/STARTED.json the settings the stage started with (`stage_settings`), written first
+    RUN/<stage>/DONE.json    written last, atomically: a stage without it is incomplete and is redone (resuming
+                             what it saved: a training checkpoint, answers); it records the settings it ran with
     RUN/results.json         headline numbers (written by the report stage)
 """
 
@@ -60,8 +61,21 @@ class RunFolder:
     def done(self, name: str) -> bool:
         return (self.path / name / "DONE.json").exists()
 
+    def recorded_settings(self, name: str) -> dict:
+        """The settings `name` ran with: its own from the current config, those of the stage it read from that
+        stage's DONE.json (so `nestune cluster` after `nestune detect --z-threshold 2.5` records 2.5)."""
+        settings = stage_settings(self.config, name)
+        upstream = {"cluster": "detect", "fold": "train", "eval-after": "fold"}
+        if self.config.train.method in SELECTION_METHODS:
+            upstream["train"] = "cluster"
+        source = self.path / upstream.get(name, "") / "DONE.json"
+        if name in upstream and source.exists():
+            before = read_json(source).get("settings") or {}
+            settings.update({k: v for k, v in before.items() if k in settings})
+        return settings
+
     def mark_done(self, name: str, info: dict | None = None) -> None:
-        settings = {"settings": stage_settings(self.config, name)} if self.config is not None else {}
+        settings = {"settings": self.recorded_settings(name)} if self.config is not None else {}
         write_json(self.stage(name) / "DONE.json",
                    {"stage": name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "nestune": __version__,
                     "format": FORMAT_VERSION, **(info or {}), **settings})
@@ -112,33 +126,46 @@ class RunFolder:
                 "use a new --out folder, or pass the same --model to resume",
             )
 
-    def check_resumable(self, cfg: Config, stages=PIPELINE_STAGES) -> None:
-        """Refuse to resume past finished stages that ran with other settings than `cfg` asks for.
+    def mark_started(self, name: str) -> None:
+        """Record the settings a stage starts with, so that its unfinished work (a training checkpoint, cached
+        targets, saved answers) is never resumed under other settings."""
+        if self.config is not None:
+            write_json(self.stage(name) / "STARTED.json", {"settings": stage_settings(self.config, name)})
 
-        Otherwise a rerun with a changed setting would skip them and report their old results under the new
-        config.json. Only keys that both sides have are compared (a DONE.json from an older nestune records
-        fewer or none).
+    def check_resumable(self, cfg: Config, stages=PIPELINE_STAGES) -> None:
+        """Refuse to resume a stage, finished or not, that ran with other settings than `cfg` asks for.
+
+        Otherwise a rerun with a changed setting would skip finished stages and report their old results under
+        the new config.json, or continue an unfinished one from work done under the old settings. Only keys that
+        both sides have are compared (a DONE.json from an older nestune records fewer or none).
         """
         stale = []
         for name in stages:
-            done = self.path / name / "DONE.json"
-            if not done.exists():
+            done, started = self.path / name / "DONE.json", self.path / name / "STARTED.json"
+            record = done if done.exists() else started if started.exists() else None
+            if record is None:
                 continue
-            recorded = read_json(done).get("settings") or {}
+            recorded = read_json(record).get("settings") or {}
             now = stage_settings(cfg, name)
-            changed = [k for k in now if k in recorded and recorded[k] != now[k]]
+            changed = [(k, recorded[k], now[k]) for k in now if k in recorded and recorded[k] != now[k]]
+            if record is started and name.startswith("eval"):
+                # An unfinished evaluation's saved answers are kept per what they were generated with (prompt,
+                # token budget, judge), so they serve other evaluation settings of the same model.
+                changed = [c for c in changed if not c[0].startswith("eval.")]
             if changed:
-                stale.append((name, [(k, recorded[k], now[k]) for k in changed]))
+                stale.append((name, record is done, changed))
         if not stale:
             return
-        name, changed = stale[0]
+        name, finished, changed = stale[0]
         shown = ", ".join(f"{k}={old!r} (now {new!r})" for k, old, new in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        # An evaluation whose own settings alone changed reuses its saved answers once its DONE.json is gone;
-        # one of another model (other training, dtype or seed) and the other stages start over.
-        redo = [str(self.path / n / "DONE.json") if n.startswith("eval") and all(k.startswith("eval.") for k, _, _ in c)
-                else str(self.path / n) for n, c in stale]
+        # A finished evaluation whose own settings alone changed reuses its saved answers once its DONE.json is
+        # gone; one of another model (other training, dtype or seed) and the other stages start over.
+        redo = [str(self.path / n / "DONE.json")
+                if n.startswith("eval") and all(k.startswith("eval.") for k, _, _ in c) else str(self.path / n)
+                for n, _, c in stale]
+        state = "finished" if finished else "holds unfinished work"
         raise NestuneError(
-            f"'{self.path / name}' finished with other settings: {shown}{more}",
+            f"'{self.path / name}' {state} with other settings: {shown}{more}",
             f"pass the same settings to resume, or use a new --out folder; to redo it here, delete {' and '.join(redo)}",
         )
