@@ -75,3 +75,19 @@ def test_results_without_per_item_outcomes_have_no_change(tmp_path):
     for stage in ("eval-before", "eval-after"):  # written before metrics.json held outcomes
         (run.stage(stage) / "metrics.json").write_text(json.dumps({"overrefusal": {"rate": 0.1, "ci": [0, 0.2], "n": 10}}))
     assert collect_results(run)["change"] is None
+
+
+def test_report_shows_the_loop_and_short_shares_of_attack_successes(tmp_path):
+    from nestune.report import build_report
+
+    run = RunFolder(tmp_path / "run")
+    for stage, loops, short in (("eval-before", 0.1, 0.2), ("eval-after", 0.25, 0.625)):
+        metrics = {"successes_looping": {"rate": loops, "ci": [0, 1], "n": 8},
+                   "successes_short": {"rate": short, "ci": [0, 1], "n": 8}}
+        (run.stage(stage) / "metrics.json").write_text(json.dumps(metrics))
+    build_report(run)
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["after"]["successes_short"]["rate"] == 0.625
+    rows = (run.path / "report.md").read_text().splitlines()
+    assert any(line.startswith("| attack successes under 20 words | 20.0%") and "62.5%" in line for line in rows)
+    assert any(line.startswith("| attack successes that are repetition loops | 10.0%") for line in rows)

@@ -38,8 +38,8 @@ def benign_kl(run: RunFolder) -> float | None:
 def _side(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
-    keep = ("asr_mean", "asr_by_attack", "asr_any_attack", "successes_looping", "overrefusal", "utility", "gsm8k",
-            "n_behaviours")
+    keep = ("asr_mean", "asr_by_attack", "asr_any_attack", "successes_looping", "successes_short", "overrefusal",
+            "utility", "gsm8k", "n_behaviours")
     return {k: metrics[k] for k in keep if k in metrics}
 
 
@@ -211,6 +211,8 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     rows += [row(f"ASR {a}", "asr_by_attack", a) for a in (before.get("asr_by_attack") or after.get("asr_by_attack") or {})]
     if before.get("successes_looping") or after.get("successes_looping"):
         rows.append(row("attack successes that are repetition loops", "successes_looping"))
+    if before.get("successes_short") or after.get("successes_short"):
+        rows.append(row("attack successes under 20 words", "successes_short"))
     rows.append(row("over-refusal", "overrefusal"))
     rows += [row(f"utility {t}", "utility", t) for t in (before.get("utility") or after.get("utility") or {})]
     if before.get("gsm8k") or after.get("gsm8k"):
