@@ -134,9 +134,9 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
 # core trains one stack of modules single-threaded: with torch's own threads every op of every epoch waits on
 # a barrier, which made training 2-4x slower as soon as another process used a core. One stack per core
 # (smollm2-135m: 30 modules, 44 MB a stack) runs 5,000 epochs of fewer, larger ops than cache-sized stacks of
-# 8 MiB did: 24-30 s against 29-35 s for its 60 probes (240 prompts x 1536 neurons) on 2 slow cores, with the
-# same neurons selected on seeds 0-3 (BENCHMARKS.md). A stack is capped in size so that large models' copies
-# stay small. On a GPU all modules of one width go at once.
+# 8 MiB did: 0.65-0.71x their time for its 60 probes (240 prompts x 1536 neurons) on 2 slow cores, 0.85x on
+# qwen2.5-coder-0.5b, the same neurons selected (benchmarks/probe_stacks.py, BENCHMARKS.md). A stack is capped
+# in size so that large models' copies stay small. On a GPU all modules of one width go at once.
 CPU_STACK_MAX_BYTES = 256 * 2**20
 
 
