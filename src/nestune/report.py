@@ -212,7 +212,9 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     if before.get("successes_looping") or after.get("successes_looping"):
         rows.append(row("attack successes that are repetition loops", "successes_looping"))
     if before.get("successes_short") or after.get("successes_short"):
-        rows.append(row("attack successes under 20 words", "successes_short"))
+        from .evaluate.run import SHORT_ANSWER_WORDS
+
+        rows.append(row(f"attack successes under {SHORT_ANSWER_WORDS} words", "successes_short"))
     rows.append(row("over-refusal", "overrefusal"))
     rows += [row(f"utility {t}", "utility", t) for t in (before.get("utility") or after.get("utility") or {})]
     if before.get("gsm8k") or after.get("gsm8k"):
