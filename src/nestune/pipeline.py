@@ -102,8 +102,9 @@ def check_evaluated_model(eval_dir: Path, model: dict) -> None:
     Without this, `nestune eval --model B --out DIR` after `--model A` reported A's answers as B's.
     """
     path = eval_dir / EVALUATED_MODEL
-    if path.exists() and read_json(path) != model:
-        raise NestuneError(f"'{eval_dir}' holds the answers of {_describe(read_json(path))}, not of {_describe(model)}",
+    saved = read_json(path) if path.exists() else None
+    if saved is not None and saved != model:
+        raise NestuneError(f"'{eval_dir}' holds the answers of {_describe(saved)}, not of {_describe(model)}",
                            f"use a new --out folder for this model, or delete {eval_dir}")
     write_json(path, model)
 

@@ -28,17 +28,27 @@ SELECTION_METHODS = ("nest", "neurons", "random")  # these train on the detected
 PIPELINE_STAGES = ("detect", "cluster", "eval-before", "train", "fold", "eval-after")
 
 
+def upstream_stage(cfg: Config, stage: str) -> str | None:
+    """The stage whose output `stage` reads (the baselines train without detection and clustering)."""
+    if stage == "train":
+        return "cluster" if cfg.train.method in SELECTION_METHODS else None
+    return {"cluster": "detect", "fold": "train", "eval-after": "fold"}.get(stage)
+
+
+def stage_parts(cfg: Config, stage: str) -> list[str]:
+    """The config sections (or single keys) `stage` depends on: its own and, in turn, its upstream stage's."""
+    up = upstream_stage(cfg, stage)
+    if stage == "train" and up is None:  # the baselines read only the prompt sets of the detect section
+        return ["detect.harmful", "detect.benign", "train"]
+    own = {"detect": ["detect"], "cluster": ["cluster"], "train": ["train"], "fold": []}.get(stage, ["eval"])
+    return (stage_parts(cfg, up) if up else []) + own
+
+
 def stage_settings(cfg: Config, stage: str) -> dict:
     """{dotted key: value} of the settings that decide what `stage` computes, for its DONE.json."""
-    if cfg.train.method in SELECTION_METHODS:
-        train = ["detect", "cluster", "train"]
-    else:  # the baselines read only the prompt sets of the detect section
-        train = ["detect.harmful", "detect.benign", "train"]
-    parts = {"detect": ["detect"], "cluster": ["detect", "cluster"], "train": train, "fold": train,
-             "eval-before": ["eval"], "eval-after": train + ["eval"]}.get(stage, ["eval"])
     values = cfg.to_dict()
     settings = {"model": cfg.model, "seed": cfg.seed, "dtype": cfg.dtype}
-    for part in parts:
+    for part in stage_parts(cfg, stage):
         section, _, key = part.partition(".")
         keys = [key] if key else list(values[section])
         settings.update({f"{section}.{k}": values[section][k] for k in keys if f"{section}.{k}" not in SPEED_ONLY})
@@ -65,12 +75,9 @@ class RunFolder:
         """The settings `name` ran with: its own from the current config, those of the stage it read from that
         stage's DONE.json (so `nestune cluster` after `nestune detect --z-threshold 2.5` records 2.5)."""
         settings = stage_settings(self.config, name)
-        upstream = {"cluster": "detect", "fold": "train", "eval-after": "fold"}
-        if self.config.train.method in SELECTION_METHODS:
-            upstream["train"] = "cluster"
-        source = self.path / upstream.get(name, "") / "DONE.json"
-        if name in upstream and source.exists():
-            before = read_json(source).get("settings") or {}
+        up = upstream_stage(self.config, name)
+        if up and self.done(up):
+            before = read_json(self.path / up / "DONE.json").get("settings") or {}
             settings.update({k: v for k, v in before.items() if k in settings})
         return settings
 

@@ -68,9 +68,11 @@ def outcome_changes(before: dict, after: dict, n_boot: int = 1000, seed: int = 0
     def per_behaviour(side: dict, fn) -> dict:
         return {k: fn([v[a] for a in names]) for k, v in side.items()} if names else {}
 
+    def share(outcomes: list[int]) -> float:
+        return sum(outcomes) / len(outcomes)
+
     changes = {
-        "asr_mean": paired_change(per_behaviour(b_att, lambda x: sum(x) / len(x)),
-                                  per_behaviour(a_att, lambda x: sum(x) / len(x)), n_boot, seed),
+        "asr_mean": paired_change(per_behaviour(b_att, share), per_behaviour(a_att, share), n_boot, seed),
         "asr_any_attack": paired_change(per_behaviour(b_att, max), per_behaviour(a_att, max), n_boot, seed),
         "asr_by_attack": {a: paired_change({k: v[a] for k, v in b_att.items()}, {k: v[a] for k, v in a_att.items()},
                                            n_boot, seed) for a in names},
