@@ -170,3 +170,25 @@ def test_compare_with_the_real_stages_on_a_tiny_model(tmp_path):
             rate_of(result["methods"][m]["asr_mean"]) - rate_of(result["base"]["asr_mean"]))
     assert "## Change from the base" in (tmp_path / "cmp" / "compare.md").read_text()
     assert (tmp_path / "cmp" / "compare_plot.png").exists()
+
+
+def test_shared_targets_are_not_reused_under_other_training_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "evaluate_stage", stub_evaluation([]))
+    cfg, out = prepare(tmp_path)
+    run_compare(cfg, ["nest"], out.path)
+    recorded = json.loads((out.path / "train-targets" / "DONE.json").read_text())["settings"]
+    assert recorded["train.n_harmful"] == cfg.train.n_harmful and "train.lr" not in recorded
+
+    # Another method with another lr reuses the targets: they do not depend on it.
+    cfg.train.lr = 1e-3
+    run_compare(cfg, ["lora"], out.path)
+    assert RunFolder(out.path / "methods" / "lora").done("eval-after")
+
+    # Other training sizes would need other targets: refused before anything runs, naming the folder to delete.
+    cfg.train.n_harmful += 1
+    before = (out.path / "config.json").read_text()
+    with pytest.raises(NestuneError) as err:
+        run_compare(cfg, ["full"], out.path)
+    assert "train-targets" in str(err.value) and "train.n_harmful" in str(err.value)
+    assert not (out.path / "methods" / "full").exists()
+    assert (out.path / "config.json").read_text() == before

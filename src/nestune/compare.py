@@ -5,6 +5,7 @@ evaluation (DESIGN.md 1.5).
     DIR/detect, DIR/cluster                 one detection and clustering (only when a method needs a selection)
     DIR/eval-before                         the base model, evaluated once
     DIR/train-targets/train/targets.jsonl   the training targets: the base model's answers, generated once
+                                            (DIR/train-targets/DONE.json: the settings they were made with)
     DIR/methods/<method>/                   a complete run folder per method: copies of the shared stages and
                                             targets, then its own train, fold and eval-after
     DIR/compare.json                        base row, one row per method, the budget and the judge
@@ -32,9 +33,10 @@ from .errors import NestuneError
 from .io import read_json, write_json, write_text
 from .models import LoadedModel, load_model, resolve_device
 from .report import robustness_html, robustness_lines
-from .runfolder import SELECTION_METHODS, RunFolder
+from .runfolder import PIPELINE_STAGES, SELECTION_METHODS, RunFolder
 
 METHODS = ("nest", "neurons", "random", "full", "lora", "circuit-breakers")
+COMPARE_STAGES = PIPELINE_STAGES + ("train-targets",)  # the shared stages in DIR (train and later are unused)
 
 
 def parse_methods(methods: str | list[str]) -> list[str]:
@@ -86,7 +88,7 @@ def run_compare(cfg: Config, methods: str | list[str], out: str | Path, evaluate
     cfg = copy.deepcopy(cfg)
     cfg.out = str(out)
     root = RunFolder(out)
-    root.check_resumable(cfg)
+    root.check_resumable(cfg, stages=COMPARE_STAGES)
     root.save_config(cfg)
     base: LoadedModel | None = None
 
@@ -101,11 +103,16 @@ def run_compare(cfg: Config, methods: str | list[str], out: str | Path, evaluate
         _stage(root, "cluster", lambda: cluster.run_cluster(cfg, root))
     if evaluate:
         _stage(root, "eval-before", lambda: pipeline.evaluate_stage(cfg, root, "eval-before", base_model()))
+    # DIR/train-targets/DONE.json records the settings the targets were made with (`runfolder.TARGET_KEYS`), so
+    # that a rerun with other training sizes refuses to reuse them.
     targets_run = RunFolder(root.path / "train-targets")
     targets = targets_run.path / "train" / "targets.jsonl"
-    if not targets.exists():
-        print("[train-targets]", flush=True)
+
+    def make_targets():
         build_targets(base_model(), cfg, targets_run)
+        root.mark_done("train-targets")
+
+    _stage(root, "train-targets", make_targets)
     base = None  # each method loads its own fresh copy
 
     for method in methods:
