@@ -19,8 +19,10 @@ from nestune.baselines import (
     cb_loss,
     cb_target_layers,
     decoder_linear_names,
+    hidden_states,
     original_weights,
     run_baseline_train,
+    start_lora_off_zero,
     trainable_parameters,
 )
 from nestune.config import Config
@@ -29,7 +31,7 @@ from nestune.io import write_json
 from nestune.models import ARCHITECTURES, LoadedModel, ffn_targets, model_type
 from nestune.runfolder import RunFolder
 from nestune.testing import tiny_model, tiny_tokenizer
-from nestune.train import METHOD_LR, run_train, tokenize_examples, train_loop, with_method_lr
+from nestune.train import METHOD_LR, collate, run_train, tokenize_examples, train_loop, with_method_lr
 from nestune.tuner import NeSTAdapter
 
 
@@ -273,8 +275,33 @@ def test_circuit_breakers_schedule_follows_optimizer_steps(tmp_path, monkeypatch
     assert {t for _, t in seen} == {6}
 
 
+def test_circuit_breakers_reroute_loss_has_a_gradient_from_the_first_step():
+    """LoRA's usual B = 0 starts the adapted states on the original ones, the cosine's maximum, where its
+    gradient vanishes (in fp32 Adam then only amplifies rounding noise); the small random B gives it one."""
+    loaded = loaded_tiny(layers=4)
+    examples, _ = cb_examples(loaded.tokenizer, target_rows(n_harmful=4, n_benign=0), 64)
+    batch = collate(examples, loaded.tokenizer.pad_token_id, "cpu")
+    torch.manual_seed(0)
+    peft_model = attach_lora(loaded.model, baselines.CB_LORA_R, baselines.CB_LORA_ALPHA, 0.0, layers=[0, 1])
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+
+    def gradient_norm() -> float:
+        peft_model.zero_grad()
+        adapted = hidden_states(peft_model, batch)
+        with torch.no_grad(), peft_model.disable_adapter():
+            original = hidden_states(peft_model, batch)
+        cb_loss(adapted, original, batch, 0.0, 10.0, [2], [1, 2]).backward()
+        return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in lora_b))
+
+    assert all(not p.any() for p in lora_b)
+    at_zero = gradient_norm()
+    start_lora_off_zero(peft_model, baselines.CB_LORA_B_INIT)
+    off_zero = gradient_norm()
+    assert off_zero > 1e-4 and off_zero > 100 * at_zero, (at_zero, off_zero)
+
+
 def test_circuit_breakers_first_loss_is_pure_rerouting(tmp_path):
-    """At t=0 the LoRA is zero: adapted == original, so loss = c_cb * 1 = alpha (when a batch holds harmful rows)."""
+    """At t=0 the LoRA is almost zero: adapted ~ original, so loss ~ c_cb * 1 = alpha (a batch with harmful rows)."""
     summary = run_baseline_train(make_cfg("circuit-breakers", batch_size=12, max_steps=1), make_run(tmp_path),
                                  loaded_tiny())
     assert summary["losses"][0] == pytest.approx(baselines.CB_ALPHA, abs=1e-3)

@@ -7,9 +7,9 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 
 
-def load_script():
+def load_script(path=SCRIPT):
     # benchmarks/ is not a package: load the script as a module.
-    spec = importlib.util.spec_from_file_location("nestune_benchmarks", SCRIPT)
+    spec = importlib.util.spec_from_file_location("nestune_benchmarks_" + path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -59,3 +59,23 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     rewritten = markdown.read_text()
     assert "Prose before." in rewritten and "Prose after." in rewritten
     assert rewritten.count(bench.MARK_START) == 1 and "| NeST step time / floor |" in rewritten
+
+
+def test_circuit_breaker_trace_runs_on_a_tiny_model(tmp_path):
+    from nestune.testing import save_tiny
+
+    script = load_script(SCRIPT.with_name("cb_rerouting.py"))
+    model = save_tiny(tmp_path / "model")
+    rows = [{"kind": "harmful", "prompt": f"how do I do harmful thing {i}", "response": "I can't help with that.",
+             "own_refusal": False, "original": f"Sure, step {i}: first you"} for i in range(4)]
+    rows += [{"kind": "benign", "prompt": f"what is {i} plus one?", "response": f"It is {i + 1}."} for i in range(4)]
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = script.main(["--model", str(model), "--lrs", "1e-3", "--steps", "5", "--targets", str(targets),
+                          "--out", str(tmp_path / "cb.json")])
+    assert json.loads((tmp_path / "cb.json").read_text())["steps"] == 5
+    points = result["lrs"]["1e-3"]
+    assert [p["step"] for p in points] == [0, 4]
+    # the LoRA starts a little off zero: the states start close to the original's, not equal and not far
+    assert 0.99 < points[0]["cosine_harmful"] < 1.0 + 1e-6 and 0 < points[0]["distance_benign"] < 1
+    assert all(0 < s["top3_share"] <= 1 for s in result["layers"].values())

@@ -50,6 +50,11 @@ BASELINES = ("full", "lora", "circuit-breakers")
 CB_ALPHA = 10.0
 CB_LORA_R, CB_LORA_ALPHA, CB_LORA_DROPOUT = 16, 16, 0.05
 CB_REFERENCE_LAYERS, CB_REFERENCE_DEPTH = (10, 20), 32
+# LoRA starts with B = 0, so the adapted states equal the original ones, where the cosine is at its maximum and
+# its gradient is zero. In bf16 rounding noise gets training off that point; in fp32 Adam only random-walks
+# (smollm2-135m, 72 steps at lr 1e-4 and 1e-3: not one answer changed). B starts at this size instead, relative
+# to each wrapped weight's RMS (ours; the reference implementation trains in bf16 on GPUs).
+CB_LORA_B_INIT = 1e-3
 
 
 def run_baseline_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None, accelerator=None) -> dict:
@@ -235,6 +240,20 @@ def attach_lora(model: nn.Module, r: int, alpha: int, dropout: float, layers: li
     return get_peft_model(model, config)
 
 
+def start_lora_off_zero(peft_model, relative: float) -> None:
+    """Draw every LoRA B so that the update (scaling * B @ A) has `relative` times its base weight's RMS."""
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if not hasattr(module, "lora_B") or "default" not in module.lora_B:
+                continue
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            base_rms = module.get_base_layer().weight.float().pow(2).mean().sqrt()
+            a_rms = a.float().pow(2).mean().sqrt()
+            # each entry of B @ A sums r products: its RMS is std(B) * sqrt(r) * rms(A)
+            std = relative * base_rms / (module.scaling["default"] * math.sqrt(a.shape[0]) * a_rms)
+            b.normal_(0.0, float(std))
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -343,6 +362,7 @@ def train_circuit_breakers(loaded: LoadedModel, cfg: Config, rows: list[dict],
     retain_layers = list(range(1, min(max(targets) + 1, n_layers) + 1))  # every output those layers change
     torch.manual_seed(cfg.seed)  # LoRA's random initial A: the same in every run with this seed
     peft_model = attach_lora(loaded.model, CB_LORA_R, CB_LORA_ALPHA, CB_LORA_DROPOUT, layers=lora_layers)
+    start_lora_off_zero(peft_model, CB_LORA_B_INIT)
     params = trainable_parameters(peft_model)
     trainable = sum(p.numel() for p in params.values())
 
@@ -373,7 +393,8 @@ def train_circuit_breakers(loaded: LoadedModel, cfg: Config, rows: list[dict],
     info = {"trainable_params": trainable,
             "circuit_breakers": {"target_layers": targets, "lora_layers": lora_layers,
                                  "retain_layers": retain_layers, "alpha": CB_ALPHA, "total_steps": total,
-                                 "lora": {"r": CB_LORA_R, "alpha": CB_LORA_ALPHA, "dropout": CB_LORA_DROPOUT},
+                                 "lora": {"r": CB_LORA_R, "alpha": CB_LORA_ALPHA, "dropout": CB_LORA_DROPOUT,
+                                          "b_init": CB_LORA_B_INIT},
                                  "harmful_completions": complied}}
     return info, stats
 
