@@ -51,9 +51,9 @@ CB_ALPHA = 10.0
 CB_LORA_R, CB_LORA_ALPHA, CB_LORA_DROPOUT = 16, 16, 0.05
 CB_REFERENCE_LAYERS, CB_REFERENCE_DEPTH = (10, 20), 32
 # LoRA starts with B = 0, so the adapted states equal the original ones, where the cosine is at its maximum and
-# its gradient is zero. In bf16 rounding noise gets training off that point; in fp32 Adam only random-walks
-# (smollm2-135m, 72 steps at lr 1e-4 and 1e-3: not one answer changed). B starts at this size instead, relative
-# to each wrapped weight's RMS (ours; the reference implementation trains in bf16 on GPUs).
+# its gradient is zero (on a tiny model 2e-7 against 7e-3 from this start: tests/test_baselines.py). In bf16
+# rounding noise gets training off that point; in fp32 Adam only amplifies noise. B starts at this size instead,
+# relative to each wrapped weight's RMS (ours; the reference implementation trains in bf16 on GPUs).
 CB_LORA_B_INIT = 1e-3
 
 

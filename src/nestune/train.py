@@ -60,9 +60,12 @@ REFUSAL_BANK = [
 # train.lr = 0 means the method's usual learning rate. For nest, neurons and random the lr is relative: each
 # delta's Adam step is lr x the RMS of the weight rows it changes (NeSTAdapter.row_scales), because the same
 # absolute lr that hardens smollm2-135m (row RMS ~0.19) wrecks qwen2.5-0.5b (row RMS ~0.02).
+# Circuit breakers: the published 1e-4 is for 150 steps of 16 on 8B models in bf16; in the default budget (72
+# steps of 8) it left qwen2.5-coder-0.5b unchanged, and 1e-3 rerouted it (ASR 58.8% -> 0%, benign KL 0.003;
+# 1e-2 wrecked it: README, "Comparing methods").
 RELATIVE_LR = 0.5
 METHOD_LR = {"nest": RELATIVE_LR, "neurons": RELATIVE_LR, "random": RELATIVE_LR,
-             "full": 2e-5, "lora": 2e-4, "circuit-breakers": 1e-4}
+             "full": 2e-5, "lora": 2e-4, "circuit-breakers": 1e-3}
 
 
 def with_method_lr(cfg: Config, method: str) -> Config:
