@@ -48,15 +48,12 @@ def _fmt(x: float | None, digits: int) -> str:
 
 def trace(model_name: str, rows: list[dict], lr: float, steps: int, seed: int) -> list[dict]:
     from nestune import baselines as cb
-    from nestune.models import ARCHITECTURES, load_model, model_type
+    from nestune.models import load_model
     from nestune.train import collate
 
     loaded = load_model(model_name, "cpu", "fp32")
     examples, _ = cb.cb_examples(loaded.tokenizer, rows, 256)
-    n_layers = len(loaded.model.get_submodule(ARCHITECTURES[model_type(loaded.model)][0]))
-    targets = cb.cb_target_layers(n_layers)
-    lora_layers = list(range(min(max(targets) + 1, n_layers)))
-    retain_layers = list(range(1, min(max(targets) + 1, n_layers) + 1))
+    targets, lora_layers, retain_layers = cb.cb_layers(loaded.model)
     torch.manual_seed(seed)
     model = cb.attach_lora(loaded.model, cb.CB_LORA_R, cb.CB_LORA_ALPHA, cb.CB_LORA_DROPOUT, layers=lora_layers)
     cb.start_lora_off_zero(model, cb.CB_LORA_B_INIT)
@@ -114,8 +111,7 @@ def main(argv=None) -> dict:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             rows = build_targets(loaded, Config(model=args.model, seed=args.seed), RunFolder(tmp))
-    n_layers = loaded.model.config.num_hidden_layers
-    shares = top_dims_share(loaded, cb.cb_target_layers(n_layers))
+    shares = top_dims_share(loaded, cb.cb_layers(loaded.model)[0])
     del loaded
     for layer, s in shares.items():
         print(f"layer {layer}: hidden-state norm {s['mean_norm']:.0f}, its 3 largest dimensions {s['top3_dims']} "

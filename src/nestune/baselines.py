@@ -292,6 +292,15 @@ def cb_target_layers(n_layers: int) -> list[int]:
     return sorted({min(max(layer, 1), n_layers) for layer in scaled})
 
 
+def cb_layers(model) -> tuple[list[int], list[int], list[int]]:
+    """(rerouted layers, layers that get a LoRA, hidden states the retain loss compares)."""
+    n_layers = len(model.get_submodule(ARCHITECTURES[model_type(model)][0]))
+    targets = cb_target_layers(n_layers)
+    lora_layers = list(range(min(max(targets) + 1, n_layers)))
+    retain_layers = list(range(1, min(max(targets) + 1, n_layers) + 1))  # every output those layers change
+    return targets, lora_layers, retain_layers
+
+
 def cb_coefficients(step: int, total_steps: int, alpha: float = CB_ALPHA) -> tuple[float, float]:
     """(c_retain, c_cb) at a step: the retain weight rises from 0 to alpha/2, the reroute weight falls to alpha/2."""
     frac = step / (2 * total_steps)
@@ -356,10 +365,7 @@ def train_circuit_breakers(loaded: LoadedModel, cfg: Config, rows: list[dict],
     if not complied:
         print("circuit breakers: the base model refused every harmful training prompt, so there is no harmful "
               "completion; rerouting the request tokens only", flush=True)
-    n_layers = len(loaded.model.get_submodule(ARCHITECTURES[model_type(loaded.model)][0]))
-    targets = cb_target_layers(n_layers)
-    lora_layers = list(range(min(max(targets) + 1, n_layers)))
-    retain_layers = list(range(1, min(max(targets) + 1, n_layers) + 1))  # every output those layers change
+    targets, lora_layers, retain_layers = cb_layers(loaded.model)
     torch.manual_seed(cfg.seed)  # LoRA's random initial A: the same in every run with this seed
     peft_model = attach_lora(loaded.model, CB_LORA_R, CB_LORA_ALPHA, CB_LORA_DROPOUT, layers=lora_layers)
     start_lora_off_zero(peft_model, CB_LORA_B_INIT)
