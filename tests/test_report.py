@@ -91,3 +91,18 @@ def test_report_shows_the_loop_and_short_shares_of_attack_successes(tmp_path):
     rows = (run.path / "report.md").read_text().splitlines()
     assert any(line.startswith("| attack successes under 20 words | 20.0%") and "62.5%" in line for line in rows)
     assert any(line.startswith("| attack successes that are repetition loops | 10.0%") for line in rows)
+
+
+def test_report_shows_safe_prompts_left_unanswered_beside_over_refusal(tmp_path):
+    from nestune.report import build_report
+
+    run = RunFolder(tmp_path / "run")
+    for stage, refused, unanswered in (("eval-before", 0.2, 0.2), ("eval-after", 0.225, 0.35)):
+        metrics = {"overrefusal": {"rate": refused, "ci": [0, 1], "n": 40},
+                   "overrefusal_unanswered": {"rate": unanswered, "ci": [0, 1], "n": 40}}
+        (run.stage(stage) / "metrics.json").write_text(json.dumps(metrics))
+    build_report(run)
+    assert json.loads((run.path / "results.json").read_text())["after"]["overrefusal_unanswered"]["rate"] == 0.35
+    rows = (run.path / "report.md").read_text().splitlines()
+    assert any(line.startswith("| safe prompts refused or answered in under 3 words | 20.0%") and "35.0%" in line
+               for line in rows)

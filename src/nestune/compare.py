@@ -182,6 +182,7 @@ def metrics_row(metrics: dict | None) -> dict:
     return {"asr_mean": m.get("asr_mean"), "asr_by_attack": m.get("asr_by_attack") or {},
             "asr_any_attack": m.get("asr_any_attack"), "successes_looping": m.get("successes_looping"),
             "successes_short": m.get("successes_short"), "overrefusal": m.get("overrefusal"),
+            "overrefusal_unanswered": m.get("overrefusal_unanswered"),
             "utility": m.get("utility") or {}, "gsm8k": m.get("gsm8k")}
 
 

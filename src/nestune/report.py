@@ -39,7 +39,7 @@ def _side(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
     keep = ("asr_mean", "asr_by_attack", "asr_any_attack", "successes_looping", "successes_short", "overrefusal",
-            "utility", "gsm8k", "n_behaviours")
+            "overrefusal_unanswered", "utility", "gsm8k", "n_behaviours")
     return {k: metrics[k] for k in keep if k in metrics}
 
 
@@ -216,6 +216,11 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
 
         rows.append(row(f"attack successes under {SHORT_ANSWER_WORDS} words", "successes_short"))
     rows.append(row("over-refusal", "overrefusal"))
+    if before.get("overrefusal_unanswered") or after.get("overrefusal_unanswered"):
+        from .evaluate.run import MIN_ANSWER_WORDS
+
+        rows.append(row(f"safe prompts refused or answered in under {MIN_ANSWER_WORDS} words",
+                        "overrefusal_unanswered"))
     rows += [row(f"utility {t}", "utility", t) for t in (before.get("utility") or after.get("utility") or {})]
     if before.get("gsm8k") or after.get("gsm8k"):
         rows.append(row("GSM8K exact match", "gsm8k"))
