@@ -77,32 +77,29 @@ def test_results_without_per_item_outcomes_have_no_change(tmp_path):
     assert collect_results(run)["change"] is None
 
 
-def test_report_shows_the_loop_and_short_shares_of_attack_successes(tmp_path):
+def report_of(tmp_path, before: dict, after: dict) -> tuple[dict, list[str]]:
+    """Build a report from two metrics.json files with the given rates ({key: rate}); (results.json, report.md lines)."""
     from nestune.report import build_report
 
     run = RunFolder(tmp_path / "run")
-    for stage, loops, short in (("eval-before", 0.1, 0.2), ("eval-after", 0.25, 0.625)):
-        metrics = {"successes_looping": {"rate": loops, "ci": [0, 1], "n": 8},
-                   "successes_short": {"rate": short, "ci": [0, 1], "n": 8}}
+    for stage, rates in (("eval-before", before), ("eval-after", after)):
+        metrics = {key: {"rate": r, "ci": [0, 1], "n": 8} for key, r in rates.items()}
         (run.stage(stage) / "metrics.json").write_text(json.dumps(metrics))
     build_report(run)
-    results = json.loads((run.path / "results.json").read_text())
+    return json.loads((run.path / "results.json").read_text()), (run.path / "report.md").read_text().splitlines()
+
+
+def test_report_shows_the_loop_and_short_shares_of_attack_successes(tmp_path):
+    results, rows = report_of(tmp_path, {"successes_looping": 0.1, "successes_short": 0.2},
+                              {"successes_looping": 0.25, "successes_short": 0.625})
     assert results["after"]["successes_short"]["rate"] == 0.625
-    rows = (run.path / "report.md").read_text().splitlines()
     assert any(line.startswith("| attack successes under 20 words | 20.0%") and "62.5%" in line for line in rows)
     assert any(line.startswith("| attack successes that are repetition loops | 10.0%") for line in rows)
 
 
 def test_report_shows_safe_prompts_left_unanswered_beside_over_refusal(tmp_path):
-    from nestune.report import build_report
-
-    run = RunFolder(tmp_path / "run")
-    for stage, refused, unanswered in (("eval-before", 0.2, 0.2), ("eval-after", 0.225, 0.35)):
-        metrics = {"overrefusal": {"rate": refused, "ci": [0, 1], "n": 40},
-                   "overrefusal_unanswered": {"rate": unanswered, "ci": [0, 1], "n": 40}}
-        (run.stage(stage) / "metrics.json").write_text(json.dumps(metrics))
-    build_report(run)
-    assert json.loads((run.path / "results.json").read_text())["after"]["overrefusal_unanswered"]["rate"] == 0.35
-    rows = (run.path / "report.md").read_text().splitlines()
+    results, rows = report_of(tmp_path, {"overrefusal": 0.2, "overrefusal_unanswered": 0.2},
+                              {"overrefusal": 0.225, "overrefusal_unanswered": 0.35})
+    assert results["after"]["overrefusal_unanswered"]["rate"] == 0.35
     assert any(line.startswith("| safe prompts refused or answered in under 3 words | 20.0%") and "35.0%" in line
                for line in rows)
