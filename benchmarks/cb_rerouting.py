@@ -65,9 +65,7 @@ def trace(model_name: str, rows: list[dict], lr: float, steps: int, seed: int) -
         start = step * 8 % len(examples)
         batch = collate([examples[i] for i in order[start:start + 8]], loaded.tokenizer.pad_token_id, "cpu")
         c_retain, c_cb = cb.cb_coefficients(step, 72)  # the default budget's 72 steps
-        adapted = cb.hidden_states(model, batch)
-        with torch.no_grad(), model.disable_adapter():
-            original = cb.hidden_states(model, batch)
+        adapted, original = cb.adapted_and_original_states(model, batch)
         loss = cb.cb_loss(adapted, original, batch, c_retain, c_cb, targets, retain_layers)
         if step % 4 == 0 or step == steps - 1:
             with torch.no_grad():

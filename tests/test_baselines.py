@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM
 
 from nestune import baselines
 from nestune.baselines import (
+    adapted_and_original_states,
     attach_lora,
     cb_coefficients,
     cb_examples,
     cb_loss,
     cb_target_layers,
     decoder_linear_names,
-    hidden_states,
     original_weights,
     run_baseline_train,
     start_lora_off_zero,
@@ -287,9 +287,7 @@ def test_circuit_breakers_reroute_loss_has_a_gradient_from_the_first_step():
 
     def gradient_norm() -> float:
         peft_model.zero_grad()
-        adapted = hidden_states(peft_model, batch)
-        with torch.no_grad(), peft_model.disable_adapter():
-            original = hidden_states(peft_model, batch)
+        adapted, original = adapted_and_original_states(peft_model, batch)
         cb_loss(adapted, original, batch, 0.0, 10.0, [2], [1, 2]).backward()
         return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in lora_b))
 

@@ -337,6 +337,14 @@ def hidden_states(peft_model, batch) -> tuple[torch.Tensor, ...]:
     return out.hidden_states
 
 
+def adapted_and_original_states(peft_model, batch) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Hidden states with the LoRA (with gradients) and without it: the original model, same weights, adapter off."""
+    adapted = hidden_states(peft_model, batch)
+    with torch.no_grad(), peft_model.disable_adapter():
+        original = hidden_states(peft_model, batch)
+    return adapted, original
+
+
 def cb_loss(adapted, original, batch, c_retain: float, c_cb: float, target_layers: list[int],
             retain_layers: list[int]) -> torch.Tensor:
     """c_r * L_retain + c_cb * L_cb.
@@ -384,9 +392,7 @@ def train_circuit_breakers(loaded: LoadedModel, cfg: Config, rows: list[dict],
         epoch, i = divmod(calls[0], micro_per_epoch)
         calls[0] += 1
         c_retain, c_cb = cb_coefficients(epoch * steps_per_epoch + i // t.grad_accum, total)
-        adapted = hidden_states(model, batch)
-        with torch.no_grad(), model.disable_adapter():  # the original model: same weights, adapter off
-            original = hidden_states(model, batch)
+        adapted, original = adapted_and_original_states(model, batch)
         return cb_loss(adapted, original, batch, c_retain, c_cb, targets, retain_layers)
 
     if is_main(accelerator):

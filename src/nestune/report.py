@@ -198,6 +198,9 @@ SUMMARY_COLUMNS = ("metric", "before", "after", "change, points [95% CI, paired]
 
 def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     """(metric, before, after, change) rows; the change is after - before on the same items, in points."""
+    # imported where used, as this module does with everything heavy (evaluate/ loads torch and transformers)
+    from .evaluate.run import MIN_ANSWER_WORDS, SHORT_ANSWER_WORDS
+
     before, after = results.get("before") or {}, results.get("after") or {}
     change = results.get("change") or {}
 
@@ -212,13 +215,9 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     if before.get("successes_looping") or after.get("successes_looping"):
         rows.append(row("attack successes that are repetition loops", "successes_looping"))
     if before.get("successes_short") or after.get("successes_short"):
-        from .evaluate.run import SHORT_ANSWER_WORDS
-
         rows.append(row(f"attack successes under {SHORT_ANSWER_WORDS} words", "successes_short"))
     rows.append(row("over-refusal", "overrefusal"))
     if before.get("overrefusal_unanswered") or after.get("overrefusal_unanswered"):
-        from .evaluate.run import MIN_ANSWER_WORDS
-
         rows.append(row(f"safe prompts refused or answered in under {MIN_ANSWER_WORDS} words",
                         "overrefusal_unanswered"))
     rows += [row(f"utility {t}", "utility", t) for t in (before.get("utility") or after.get("utility") or {})]

@@ -27,8 +27,8 @@ SPEED_ONLY = ("detect.batch_size", "eval.batch_size", "eval.generator", "train.f
 SELECTION_METHODS = ("nest", "neurons", "random")  # these train on the detected neurons
 PIPELINE_STAGES = ("detect", "cluster", "eval-before", "train", "fold", "eval-after")
 # What `train.build_targets` reads: the prompts it picks and how it answers them (not the lr, the method ...).
-TARGET_KEYS = ["detect.harmful", "detect.benign", "eval.overrefusal", "train.n_harmful", "train.n_benign",
-               "train.n_lookalike", "train.answer_tokens", "train.max_length", "train.prefill_fraction"]
+TARGET_KEYS = ("detect.harmful", "detect.benign", "eval.overrefusal", "train.n_harmful", "train.n_benign",
+               "train.n_lookalike", "train.answer_tokens", "train.max_length", "train.prefill_fraction")
 
 
 def upstream_stage(cfg: Config, stage: str) -> str | None:
@@ -41,7 +41,7 @@ def upstream_stage(cfg: Config, stage: str) -> str | None:
 def stage_parts(cfg: Config, stage: str) -> list[str]:
     """The config sections (or single keys) `stage` depends on: its own and, in turn, its upstream stage's."""
     if stage == "train-targets":  # a comparison's shared training targets: prompts and the base model's answers
-        return TARGET_KEYS
+        return list(TARGET_KEYS)
     up = upstream_stage(cfg, stage)
     if stage == "train" and up is None:  # the baselines read only the prompt sets of the detect section
         return ["detect.harmful", "detect.benign", "train"]
