@@ -48,6 +48,25 @@ def test_benign_kl_is_recorded_when_eval_after_ends_and_outlives_the_logprob_fil
     assert benign_kl(run) == expected  # from DONE.json now
 
 
+def test_benign_kl_is_not_reported_across_different_prompts(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from nestune.report import benign_kl
+
+    run = RunFolder(tmp_path / "run")
+    logprobs = torch.log_softmax(torch.randn(2, 5), dim=-1)
+    for stage, ids in (("eval-before", [["benign-qa", "1"], ["benign-qa", "2"]]),
+                       ("eval-after", [["benign-qa", "1"], ["my-file", "0"]])):
+        save_file({"logprobs": logprobs}, str(run.stage(stage) / "next_token_logprobs.safetensors"),
+                  metadata={"ids": json.dumps(ids)})
+    assert benign_kl(run) is None
+    assert "different benign prompts" in capsys.readouterr().out
+    save_file({"logprobs": logprobs}, str(run.path / "eval-after" / "next_token_logprobs.safetensors"),
+              metadata={"ids": json.dumps([["benign-qa", "1"], ["benign-qa", "2"]])})
+    assert benign_kl(run) == 0.0
+
+
 def test_results_and_report_carry_paired_changes(tmp_path):
     from nestune.report import build_report
 

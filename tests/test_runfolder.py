@@ -55,6 +55,9 @@ def test_same_or_speed_only_settings_resume(tmp_path):
     ("detect__z_threshold", 2.5, "detect", ["detect", "cluster", "train", "fold", "eval-after"]),
     ("train__lr", 0.7, "train", ["train", "fold", "eval-after"]),
     ("eval__n_behaviours", 5, "eval-before", ["eval-before/DONE.json", "eval-after/DONE.json"]),
+    # the evaluation before reads its benign (KL) prompts from detect.benign: kept, it would compare
+    # next-token distributions of other prompts than the evaluation after
+    ("detect__benign", "my-benign.txt", "detect", ["detect", "cluster", "eval-before", "train", "fold", "eval-after"]),
 ])
 def test_changed_settings_are_refused(tmp_path, key, value, first, folders):
     run = finished_run(tmp_path / "r", config())
