@@ -340,6 +340,25 @@ def test_capture_backs_off_on_out_of_memory_and_gives_the_same_activations(capsy
         assert torch.allclose(plain[name], backed_off[name], atol=1e-5)
 
 
+def test_batch_backoff_collects_garbage_only_after_out_of_memory(monkeypatch):
+    """gc.collect() costs 0.2 s with transformers loaded; before every capture it dwarfed a GPU's forward."""
+    import gc
+
+    from nestune.models import with_batch_backoff
+
+    collections, sizes = [], []
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1))
+
+    def fails_above_two(size):
+        sizes.append(size)
+        if size > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return size
+
+    assert with_batch_backoff(fails_above_two, 2, "x") == 2 and not collections
+    assert with_batch_backoff(fails_above_two, 8, "x") == 2 and sizes == [2, 8, 4, 2] and len(collections) == 2
+
+
 def test_capture_out_of_memory_at_batch_one_is_a_clear_error():
     from nestune.detect import capture_pooled
     from nestune.errors import NestuneError

@@ -10,6 +10,7 @@ Every stage addresses neurons through `FFNTarget`, so no other module knows abou
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -445,25 +446,23 @@ def is_out_of_memory(error: BaseException) -> bool:
 def with_batch_backoff(function, batch_size: int, what: str):
     """function(batch_size), retried with half the batch after each out-of-memory error, down to 1.
 
-    accelerate's find_executable_batch_size does the retrying; this halves instead of shrinking by 10%,
-    says what it does, and turns the final failure into a message with a fix.
+    Not accelerate's find_executable_batch_size: it runs gc.collect() before the first try, 0.2 s with
+    transformers loaded, which was most of a GPU capture of 32 prompts (BENCHMARKS.md). Here the caches are
+    cleared only after an out-of-memory error, which accelerate's own test recognises.
     """
-    from accelerate.utils import find_executable_batch_size
-
     size = max(1, batch_size)
-
-    def halve() -> int:
-        nonlocal size
+    while True:
+        try:
+            return function(size)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            if size == 1:
+                raise NestuneError(f"{what}: out of memory even with batch size 1",
+                                   "spread the model over devices (--device-map auto --max-memory ...), load it in "
+                                   "bf16 (--dtype bf16), or lower the prompt length (max_length)") from None
+        gc.collect()  # outside the except block, so that the error's frames (and their tensors) are freed
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         size //= 2
-        if size:
-            print(f"{what}: out of memory at batch size {size * 2}; retrying with {size}", flush=True)
-        return size
-
-    try:
-        return find_executable_batch_size(function, starting_batch_size=size, reduce_batch_size_fn=halve)()
-    except RuntimeError as e:
-        if "No executable batch size found" not in str(e):
-            raise
-        raise NestuneError(f"{what}: out of memory even with batch size 1",
-                           "spread the model over devices (--device-map auto --max-memory ...), load it in "
-                           "bf16 (--dtype bf16), or lower the prompt length (max_length)") from None
+        print(f"{what}: out of memory at batch size {size * 2}; retrying with {size}", flush=True)
