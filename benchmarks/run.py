@@ -623,7 +623,9 @@ def write_markdown(results_dir: str | Path, path: str | Path) -> Path:
     from nestune.io import write_text
 
     path = Path(path)
-    sections = [markdown_section(json.loads(f.read_text())) for f in sorted(Path(results_dir).glob("*.json"))]
+    results = [json.loads(f.read_text()) for f in sorted(Path(results_dir).glob("*.json"))]
+    # other scripts' results (cb_rerouting.py) share the folder and have no tables here
+    sections = [markdown_section(r) for r in results if "machine" in r and "sections" in r]
     block = "\n".join([MARK_START, "", *sections, MARK_END])
     text = path.read_text() if path.exists() else (
         "# Benchmarks\n\nFigures from `python benchmarks/run.py` (see benchmarks/README.md for what each one "

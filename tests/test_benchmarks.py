@@ -55,6 +55,7 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
 
     # Rewriting the summary keeps the prose written around the tables.
     markdown.write_text("# Benchmarks\n\nProse before.\n\n" + text[text.index(bench.MARK_START):] + "\nProse after.\n")
+    (out / "tiny-cb-rerouting.json").write_text(json.dumps({"model": "tiny", "lrs": {}}))  # another script's
     bench.main(["--markdown-only", "--out", str(out), "--markdown", str(markdown)])
     rewritten = markdown.read_text()
     assert "Prose before." in rewritten and "Prose after." in rewritten
