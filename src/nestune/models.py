@@ -10,7 +10,6 @@ Every stage addresses neurons through `FFNTarget`, so no other module knows abou
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -461,8 +460,8 @@ def with_batch_backoff(function, batch_size: int, what: str):
                 raise NestuneError(f"{what}: out of memory even with batch size 1",
                                    "spread the model over devices (--device-map auto --max-memory ...), load it in "
                                    "bf16 (--dtype bf16), or lower the prompt length (max_length)") from None
-        gc.collect()  # outside the except block, so that the error's frames (and their tensors) are freed
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        from accelerate.utils.memory import clear_device_cache
+
+        clear_device_cache(garbage_collection=True)  # out of the except block: the error's frames are freed
         size //= 2
         print(f"{what}: out of memory at batch size {size * 2}; retrying with {size}", flush=True)
