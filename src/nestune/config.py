@@ -47,8 +47,8 @@ class TrainConfig:
     n_harmful: int = 96  # harmful prompts from the train split
     n_benign: int = 96  # benign prompts whose original answers are kept
     # safe prompts that look unsafe (the train part of eval.overrefusal; evaluation uses its held-out part),
-    # kept answering as the original model did; 0 by default: on smollm2 and qwen they did not measurably
-    # lower over-refusal (docs/method.md)
+    # kept answering as the original model did; 0 by default: what they take off over-refusal they add to
+    # the ASR (smollm2: 20% -> 15% and 20% -> 33%; qwen, linear decay: 45% -> 27.5% and 13.3% -> 22.1%; README)
     n_lookalike: int = 0
     # 3 (72 steps of 8): measured on smollm2-135m against 2, same detection and targets: DAN 8 96% -> 0% and role
     # play 100% -> 38% attack success, over-refusal unchanged (20%), ARC-Easy 53.3% -> 51.7% (README)
