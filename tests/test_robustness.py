@@ -249,6 +249,24 @@ def test_attack_on_a_comparison_folder_attacks_every_method(tmp_path, capsys):
     assert "lora: every attack already measured" in out and "nest:" not in out
 
 
+def test_attack_records_the_shared_targets_it_builds_in_a_comparison_folder(tmp_path, monkeypatch):
+    """Unrecorded, a later `nestune compare` with other training sizes would have trained on them."""
+    from nestune import train
+    from nestune.config import Config
+    from nestune.robustness import AttackContext
+    from nestune.runfolder import RunFolder
+
+    root = RunFolder(tmp_path / "cmp")
+    (root.path / "methods").mkdir(parents=True)
+    cfg = Config(model="m", device="cpu")
+    built = []
+    monkeypatch.setattr(train, "build_targets", lambda base, cfg, run: built.append(run.path) or [{"prompt": "p"}])
+    assert AttackContext(cfg, root, [], None).targets(base=object()) == [{"prompt": "p"}]
+    assert built == [root.path / "train-targets"]
+    recorded = json.loads((root.path / "train-targets" / "DONE.json").read_text())["settings"]
+    assert recorded["train.n_harmful"] == cfg.train.n_harmful and "train.lr" not in recorded
+
+
 def test_methods_option_needs_a_comparison_folder(tmp_path):
     from nestune.errors import NestuneError
     from nestune.robustness import model_sides

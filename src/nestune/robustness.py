@@ -485,7 +485,12 @@ class AttackContext:
                                "run `nestune attack` with the base model too (the default), or `nestune train` first")
         from .train import build_targets
 
-        return build_targets(base, self.cfg, targets_run)
+        targets = build_targets(base, self.cfg, targets_run)
+        if targets_run is not self.run:  # a comparison's shared targets record their settings, as compare does
+            root = RunFolder(self.run.path)
+            root.config = self.cfg
+            root.mark_done("train-targets")
+        return targets
 
 
 def is_compare_folder(run: RunFolder) -> bool:
