@@ -45,10 +45,9 @@ def stage_parts(cfg: Config, stage: str) -> list[str]:
     up = upstream_stage(cfg, stage)
     if stage == "train" and up is None:  # the baselines read only the prompt sets of the detect section
         return ["detect.harmful", "detect.benign", "train"]
+    own = {"detect": ["detect"], "cluster": ["cluster"], "train": ["train"], "fold": []}
     # an evaluation reads its benign next-token (KL) prompts from detect.benign's held-out part
-    own = {"detect": ["detect"], "cluster": ["cluster"], "train": ["train"], "fold": []}.get(stage,
-                                                                                          ["eval", "detect.benign"])
-    return (stage_parts(cfg, up) if up else []) + own
+    return (stage_parts(cfg, up) if up else []) + own.get(stage, ["eval", "detect.benign"])
 
 
 def stage_settings(cfg: Config, stage: str) -> dict:
