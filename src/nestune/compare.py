@@ -82,7 +82,6 @@ def copy_stage(src: Path, dst: Path) -> None:
 def run_compare(cfg: Config, methods: str | list[str], out: str | Path, evaluate: bool = True) -> dict:
     """Run every method through the same shared stages, then write DIR/compare.json, .md, _plot.png, report.html."""
     from . import cluster, detect, pipeline
-    from .train import build_targets
 
     methods = parse_methods(methods)
     cfg = copy.deepcopy(cfg)
@@ -103,16 +102,8 @@ def run_compare(cfg: Config, methods: str | list[str], out: str | Path, evaluate
         _stage(root, "cluster", lambda: cluster.run_cluster(cfg, root))
     if evaluate:
         _stage(root, "eval-before", lambda: pipeline.evaluate_stage(cfg, root, "eval-before", base_model()))
-    # DIR/train-targets/DONE.json records the settings the targets were made with (`runfolder.TARGET_KEYS`), so
-    # that a rerun with other training sizes refuses to reuse them.
-    targets_run = RunFolder(root.path / "train-targets")
-    targets = targets_run.path / "train" / "targets.jsonl"
-
-    def make_targets():
-        build_targets(base_model(), cfg, targets_run)
-        root.mark_done("train-targets")
-
-    _stage(root, "train-targets", make_targets)
+    _stage(root, "train-targets", lambda: build_shared_targets(base_model(), cfg, root))
+    targets = root.path / "train-targets" / "train" / "targets.jsonl"
     base = None  # each method loads its own fresh copy
 
     for method in methods:
@@ -122,6 +113,18 @@ def run_compare(cfg: Config, methods: str | list[str], out: str | Path, evaluate
     print_table(result)
     print(f"\ncomparison: {root.path / 'compare.md'}\nreport: {root.path / 'report.html'}", flush=True)
     return result
+
+
+def build_shared_targets(base: LoadedModel, cfg: Config, root: RunFolder) -> list[dict]:
+    """DIR/train-targets: the base model's answers that every method trains on. DIR/train-targets/DONE.json
+    records the settings they were made with (`runfolder.TARGET_KEYS`), so that a rerun with other training
+    sizes refuses to reuse them. Also called by `nestune attack`, which needs them too."""
+    from .train import build_targets
+
+    rows = build_targets(base, cfg, RunFolder(root.path / "train-targets"))
+    root.config = cfg  # the settings mark_done records
+    root.mark_done("train-targets")
+    return rows
 
 
 def run_method(cfg: Config, root: RunFolder, method: str, targets: Path, evaluate: bool = True) -> RunFolder:

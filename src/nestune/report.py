@@ -29,20 +29,20 @@ def benign_kl(run: RunFolder) -> float | None:
         done = _maybe(run.path / "eval-after" / "DONE.json") or {}
         return done.get("benign_kl")
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from .evaluate.utility import kl
 
-    ids = []
-    for path in (a, b):
+    logprobs, ids = [], []
+    for path in (a, b):  # each file read once: its prompt ids and its distributions
         with safe_open(str(path), "pt") as f:
             ids.append((f.metadata() or {}).get("ids"))
+            logprobs.append(f.get_tensor("logprobs"))
     if None not in ids and ids[0] != ids[1]:  # a KL of two prompt sets' distributions means nothing
         print(f"warning: {a} and {b} hold next-token distributions of different benign prompts (was "
               f"detect.benign or eval.n_kl changed between them?); no benign KL reported. Delete "
               f"{a.parent} to evaluate the base model again on the current prompts", flush=True)
         return None
-    return round(float(kl(load_file(str(a))["logprobs"], load_file(str(b))["logprobs"])), 6)
+    return round(float(kl(*logprobs)), 6)
 
 
 def _side(metrics: dict | None) -> dict | None:

@@ -483,14 +483,13 @@ class AttackContext:
         if base is None:
             raise NestuneError(f"'{path}' does not exist, and the base model's answers are needed",
                                "run `nestune attack` with the base model too (the default), or `nestune train` first")
+        if targets_run is not self.run:
+            from .compare import build_shared_targets
+
+            return build_shared_targets(base, self.cfg, self.run)
         from .train import build_targets
 
-        targets = build_targets(base, self.cfg, targets_run)
-        if targets_run is not self.run:  # a comparison's shared targets record their settings, as compare does
-            root = RunFolder(self.run.path)
-            root.config = self.cfg
-            root.mark_done("train-targets")
-        return targets
+        return build_targets(base, self.cfg, self.run)
 
 
 def is_compare_folder(run: RunFolder) -> bool:
