@@ -69,6 +69,18 @@ def test_changed_settings_are_refused(tmp_path, key, value, first, folders):
     assert "delete " + " and ".join(str(run.path / f) for f in folders) in message
 
 
+@pytest.mark.parametrize("n_lookalike, folders", [
+    # training on the set's look-alikes: the training, and all that follows it, came from the old set
+    (32, ["eval-before/DONE.json", "train", "fold", "eval-after"]),
+    (0, ["eval-before/DONE.json", "eval-after/DONE.json"]),  # only the evaluations read the set
+])
+def test_a_changed_overrefusal_set_redoes_the_training_that_read_it(tmp_path, n_lookalike, folders):
+    run = finished_run(tmp_path / "r", config(train__n_lookalike=n_lookalike))
+    with pytest.raises(NestuneError) as err:
+        run.check_resumable(config(train__n_lookalike=n_lookalike, eval__overrefusal="my-lookalikes.txt"))
+    assert "delete " + " and ".join(str(run.path / f) for f in folders) in str(err.value)
+
+
 def test_stages_finished_before_settings_were_recorded_resume(tmp_path):
     run = finished_run(tmp_path / "r", config())
     done = run.path / "detect" / "DONE.json"

@@ -27,8 +27,13 @@ SPEED_ONLY = ("detect.batch_size", "eval.batch_size", "eval.generator", "train.f
 SELECTION_METHODS = ("nest", "neurons", "random")  # these train on the detected neurons
 PIPELINE_STAGES = ("detect", "cluster", "eval-before", "train", "fold", "eval-after")
 # What `train.build_targets` reads: the prompts it picks and how it answers them (not the lr, the method ...).
-TARGET_KEYS = ("detect.harmful", "detect.benign", "eval.overrefusal", "train.n_harmful", "train.n_benign",
-               "train.n_lookalike", "train.answer_tokens", "train.max_length", "train.prefill_fraction")
+TARGET_KEYS = ("detect.harmful", "detect.benign", "train.n_harmful", "train.n_benign", "train.n_lookalike",
+               "train.answer_tokens", "train.max_length", "train.prefill_fraction")
+
+
+def lookalike_keys(cfg: Config) -> list[str]:
+    """Training reads its safe look-alike prompts from the over-refusal set (its train part) only when asked to."""
+    return ["eval.overrefusal"] if cfg.train.n_lookalike else []
 
 
 def upstream_stage(cfg: Config, stage: str) -> str | None:
@@ -41,11 +46,11 @@ def upstream_stage(cfg: Config, stage: str) -> str | None:
 def stage_parts(cfg: Config, stage: str) -> list[str]:
     """The config sections (or single keys) `stage` depends on: its own and, in turn, its upstream stage's."""
     if stage == "train-targets":  # a comparison's shared training targets: prompts and the base model's answers
-        return list(TARGET_KEYS)
+        return list(TARGET_KEYS) + lookalike_keys(cfg)
     up = upstream_stage(cfg, stage)
     if stage == "train" and up is None:  # the baselines read only the prompt sets of the detect section
-        return ["detect.harmful", "detect.benign", "train"]
-    own = {"detect": ["detect"], "cluster": ["cluster"], "train": ["train"], "fold": []}
+        return ["detect.harmful", "detect.benign", "train"] + lookalike_keys(cfg)
+    own = {"detect": ["detect"], "cluster": ["cluster"], "train": ["train"] + lookalike_keys(cfg), "fold": []}
     # an evaluation reads its benign next-token (KL) prompts from detect.benign's held-out part
     return (stage_parts(cfg, up) if up else []) + own.get(stage, ["eval", "detect.benign"])
 
