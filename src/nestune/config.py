@@ -66,7 +66,9 @@ class TrainConfig:
     # Batches of similar length (train.epoch_batches): on smollm2-135m 20% less train time, but the batches'
     # new make-up moved each seed's ASR by up to 13 points either way (seeds 0-3, README); off by default
     group_by_length: bool = False
-    prefill_fraction: float = 0.25  # harmful examples that open affirmatively, then refuse (train.py)
+    # harmful examples that open affirmatively, then refuse (train.py). 0.5, measured: qwen over-refusal 45% -> 27.5%
+    # at the same ASR, but smollm2-135m seeds 0-1 ASR 8.3/4.2% -> 12.5/22.5% (README)
+    prefill_fraction: float = 0.25
     benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original
     benign_weight: float = 1.0
     answer_tokens: int = 48  # length of the cached original answers and of refusal targets
