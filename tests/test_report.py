@@ -67,6 +67,33 @@ def test_benign_kl_is_not_reported_across_different_prompts(tmp_path, capsys):
     assert benign_kl(run) == 0.0
 
 
+def test_a_benign_kl_mismatch_is_reported_once_per_run(tmp_path, capsys, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from nestune import pipeline
+    from nestune.config import Config
+    from nestune.evaluate import run as evaluate_run
+    from nestune.report import benign_kl
+
+    run = RunFolder(tmp_path / "run")
+    logprobs = torch.log_softmax(torch.randn(2, 5), dim=-1)
+    save_file({"logprobs": logprobs}, str(run.stage("eval-before") / "next_token_logprobs.safetensors"),
+              metadata={"ids": json.dumps([["benign-qa", "1"]])})
+
+    def fake_evaluate(loaded, cfg, folder):
+        save_file({"logprobs": logprobs}, str(folder / "next_token_logprobs.safetensors"),
+                  metadata={"ids": json.dumps([["my-file", "0"]])})
+        return {}
+
+    monkeypatch.setattr(evaluate_run, "evaluate_model", fake_evaluate)
+    pipeline.evaluate_stage(Config(), run, "eval-after", loaded=None)  # the pipeline's report comes next
+    assert json.loads((run.path / "eval-after" / "DONE.json").read_text())["benign_kl"] is None
+    assert "different benign prompts" not in capsys.readouterr().out
+    assert benign_kl(run) is None
+    assert capsys.readouterr().out.count("different benign prompts") == 1
+
+
 def test_results_and_report_carry_paired_changes(tmp_path):
     from nestune.report import build_report
 

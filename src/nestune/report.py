@@ -20,9 +20,10 @@ def _maybe(path: Path):
     return read_json(path) if path.exists() else None
 
 
-def benign_kl(run: RunFolder) -> float | None:
+def benign_kl(run: RunFolder, warn: bool = True) -> float | None:
     """Mean KL(base || hardened) of next-token distributions on benign prompts, from the two eval stages;
-    the value recorded in eval-after/DONE.json when their logprob files have been deleted."""
+    the value recorded in eval-after/DONE.json when their logprob files have been deleted. `warn`: say why
+    when there is none (the evaluation stage leaves that to the report or comparison row read next)."""
     a = run.path / "eval-before" / "next_token_logprobs.safetensors"
     b = run.path / "eval-after" / "next_token_logprobs.safetensors"
     if not (a.exists() and b.exists()):
@@ -38,9 +39,10 @@ def benign_kl(run: RunFolder) -> float | None:
             ids.append((f.metadata() or {}).get("ids"))
             logprobs.append(f.get_tensor("logprobs"))
     if None not in ids and ids[0] != ids[1]:  # a KL of two prompt sets' distributions means nothing
-        print(f"warning: {a} and {b} hold next-token distributions of different benign prompts (was "
-              f"detect.benign or eval.n_kl changed between them?); no benign KL reported. Delete "
-              f"{a.parent} to evaluate the base model again on the current prompts", flush=True)
+        if warn:
+            print(f"warning: {a} and {b} hold next-token distributions of different benign prompts (was "
+                  f"detect.benign or eval.n_kl changed between them?); no benign KL reported. Delete "
+                  f"{a.parent} to evaluate the base model again on the current prompts", flush=True)
         return None
     return round(float(kl(*logprobs)), 6)
 
