@@ -476,14 +476,14 @@ class AttackContext:
     def targets(self, base: LoadedModel | None) -> list[dict]:
         """RUN/train/targets.jsonl (a comparison's shared DIR/train-targets), made with the base model when
         the run has none yet."""
-        targets_run = RunFolder(self.run.path / "train-targets") if is_compare_folder(self.run) else self.run
-        path = targets_run.path / "train" / "targets.jsonl"
+        shared = is_compare_folder(self.run)
+        path = (self.run.path / "train-targets" if shared else self.run.path) / "train" / "targets.jsonl"
         if path.exists():
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if base is None:
             raise NestuneError(f"'{path}' does not exist, and the base model's answers are needed",
                                "run `nestune attack` with the base model too (the default), or `nestune train` first")
-        if targets_run is not self.run:
+        if shared:
             from .compare import build_shared_targets
 
             return build_shared_targets(base, self.cfg, self.run)

@@ -31,9 +31,9 @@ TARGET_KEYS = ("detect.harmful", "detect.benign", "train.n_harmful", "train.n_be
                "train.answer_tokens", "train.max_length", "train.prefill_fraction")
 
 
-def lookalike_keys(cfg: Config) -> list[str]:
-    """Training reads its safe look-alike prompts from the over-refusal set (its train part) only when asked to."""
-    return ["eval.overrefusal"] if cfg.train.n_lookalike else []
+def target_keys(cfg: Config) -> list[str]:
+    """TARGET_KEYS, and the over-refusal set when training reads safe look-alikes from its train part."""
+    return list(TARGET_KEYS) + (["eval.overrefusal"] if cfg.train.n_lookalike else [])
 
 
 def upstream_stage(cfg: Config, stage: str) -> str | None:
@@ -46,11 +46,9 @@ def upstream_stage(cfg: Config, stage: str) -> str | None:
 def stage_parts(cfg: Config, stage: str) -> list[str]:
     """The config sections (or single keys) `stage` depends on: its own and, in turn, its upstream stage's."""
     if stage == "train-targets":  # a comparison's shared training targets: prompts and the base model's answers
-        return list(TARGET_KEYS) + lookalike_keys(cfg)
-    up = upstream_stage(cfg, stage)
-    if stage == "train" and up is None:  # the baselines read only the prompt sets of the detect section
-        return ["detect.harmful", "detect.benign", "train"] + lookalike_keys(cfg)
-    own = {"detect": ["detect"], "cluster": ["cluster"], "train": ["train"] + lookalike_keys(cfg), "fold": []}
+        return target_keys(cfg)
+    up = upstream_stage(cfg, stage)  # None for the baselines' training: they read no detection
+    own = {"detect": ["detect"], "cluster": ["cluster"], "train": target_keys(cfg) + ["train"], "fold": []}
     # an evaluation reads its benign next-token (KL) prompts from detect.benign's held-out part
     return (stage_parts(cfg, up) if up else []) + own.get(stage, ["eval", "detect.benign"])
 
