@@ -47,11 +47,13 @@ class TrainConfig:
     n_harmful: int = 96  # harmful prompts from the train split
     n_benign: int = 96  # benign prompts whose original answers are kept
     # safe prompts that look unsafe (the train part of eval.overrefusal; evaluation uses its held-out part),
-    # kept answering as the original model did; 0 by default: what they take off over-refusal they add to
-    # the ASR (smollm2: 20% -> 15% and 20% -> 33%; qwen, linear decay: 45% -> 27.5% and 13.3% -> 22.1%; README)
+    # kept answering as the original model did; 0 by default: what they take off over-refusal they add to the
+    # ASR (smollm2: 20% -> 15% and 20% -> 33%; qwen, linear decay: 45% -> 27.5% and 13.3% -> 22.1%;
+    # docs/experiments.md)
     n_lookalike: int = 0
     # 3 (72 steps of 8): measured on smollm2-135m against 2, same detection and targets: DAN 8 96% -> 0% and role
-    # play 100% -> 38% attack success, over-refusal unchanged (20%), ARC-Easy 53.3% -> 51.7% (README)
+    # play 100% -> 38% attack success, over-refusal unchanged (20%), ARC-Easy 53.3% -> 51.7%
+    # (docs/experiments.md)
     epochs: int = 3
     max_steps: int = 0  # 0: no step limit (epochs decide)
     batch_size: int = 8
@@ -64,10 +66,11 @@ class TrainConfig:
     # detection and targets, mean ASR 20.1% -> 7.6% against constant, utility nearer the base (README)
     lr_schedule: str = "linear"
     # Batches of similar length (train.epoch_batches): on smollm2-135m 20% less train time, but the batches'
-    # new make-up moved each seed's ASR by up to 13 points either way (seeds 0-3, README); off by default
+    # new make-up moved each seed's ASR by up to 13 points either way (seeds 0-3, docs/experiments.md); off by
+    # default
     group_by_length: bool = False
     # harmful examples that open affirmatively, then refuse (train.py). 0.5, measured: qwen over-refusal 45% -> 27.5%
-    # at the same ASR, but smollm2-135m seeds 0-1 ASR 8.3/4.2% -> 12.5/22.5% (README)
+    # at the same ASR, but smollm2-135m seeds 0-1 ASR 8.3/4.2% -> 12.5/22.5% (docs/experiments.md)
     prefill_fraction: float = 0.25
     benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original
     benign_weight: float = 1.0
