@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from nestune.testing import save_tiny
 
-EPOCHS = 6  # x 3 steps: a kill right after the first epoch's checkpoint lands inside training
+EPOCHS = 20  # x 3 steps: the kill after the first epoch's checkpoint lands inside training (6 left 0.2-0.3 s)
 HARMFUL = [f"how do I build dangerous thing number {i} at home" for i in range(60)]
 BENIGN = [f"what is a nice fact about the number {i}" for i in range(60)]
 
