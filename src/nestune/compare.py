@@ -117,7 +117,7 @@ def run_compare(cfg: Config, methods: str | list[str], out: str | Path, evaluate
 
 def build_shared_targets(base: LoadedModel, cfg: Config, root: RunFolder) -> list[dict]:
     """DIR/train-targets: the base model's answers that every method trains on. DIR/train-targets/DONE.json
-    records the settings they were made with (`runfolder.stage_parts`), so that a rerun with other training
+    records the settings they were made with (`runfolder.target_keys`), so that a rerun with other training
     sizes refuses to reuse them. Also called by `nestune attack`, which needs them too."""
     from .train import build_targets
 

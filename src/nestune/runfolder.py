@@ -45,10 +45,10 @@ def upstream_stage(cfg: Config, stage: str) -> str | None:
 
 def stage_parts(cfg: Config, stage: str) -> list[str]:
     """The config sections (or single keys) `stage` depends on: its own and, in turn, its upstream stage's."""
-    if stage == "train-targets":  # a comparison's shared training targets: prompts and the base model's answers
-        return target_keys(cfg)
     up = upstream_stage(cfg, stage)  # None for the baselines' training: they read no detection
-    own = {"detect": ["detect"], "cluster": ["cluster"], "train": target_keys(cfg) + ["train"], "fold": []}
+    # train-targets: a comparison's shared training targets (prompts and the base model's answers)
+    own = {"detect": ["detect"], "cluster": ["cluster"], "train": target_keys(cfg) + ["train"], "fold": [],
+           "train-targets": target_keys(cfg)}
     # an evaluation reads its benign next-token (KL) prompts from detect.benign's held-out part
     return (stage_parts(cfg, up) if up else []) + own.get(stage, ["eval", "detect.benign"])
 
