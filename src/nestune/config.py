@@ -39,7 +39,8 @@ class ClusterConfig:
     scope: str = "module"  # module, layer or global
     # silhouette picks k in 2..k_max. 16, not 8: on qwen2.5-coder-0.5b 8 capped one to three large modules, and
     # 16 gave mean ASR 13.3 -> 7.9% (seed 0) and 19.6 -> 16.7% (seed 1), over-refusal 45 -> 42.5% and 42.5%,
-    # ARC within 3 questions either way; smollm2-135m's clusters stay the same (docs/experiments.md)
+    # ARC within 3 questions either way; smollm2-135m's clusters stay the same, and 32 gives qwen's of 16: no module
+    # there takes more than 14 (docs/experiments.md)
     k_max: int = 16
     n_init: int = 10
 
