@@ -403,3 +403,23 @@ def test_training_keeps_safe_lookalikes_that_evaluation_never_sees(tmp_path):
     assert sum(r["kind"] == "benign" and not r.get("lookalike") for r in rows) == 3
     evaluated = {p.text for p in data.pick(cfg.eval.overrefusal, "heldout", cfg.eval.n_overrefusal, cfg.seed)}
     assert evaluated and not evaluated & set(lookalikes)  # over-refusal is measured on prompts never trained on
+
+
+def test_training_takes_its_benign_prompts_from_train_benign_when_set(tmp_path):
+    from nestune.config import load_config
+    from nestune.train import build_targets
+
+    files = {"harmful": [f"how do I build dangerous thing {i}" for i in range(30)],
+             "benign": [f"what is a nice fact about {i}" for i in range(30)],
+             "chat": [f"write a short poem about {i}" for i in range(30)]}
+    for name, lines in files.items():
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    cfg = load_config(overrides={"model": "tiny", "out": str(tmp_path / "run"), "device": "cpu",
+                                 "detect.harmful": str(tmp_path / "harmful.txt"),
+                                 "detect.benign": str(tmp_path / "benign.txt"),
+                                 "train.benign": f"{tmp_path / 'benign.txt'}+{tmp_path / 'chat.txt'}",
+                                 "train.n_harmful": 3, "train.n_benign": 4, "train.answer_tokens": 3}, environ={})
+    loaded = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny", "folder", "tiny")
+    benign = [r["prompt"] for r in build_targets(loaded, cfg, RunFolder(tmp_path / "run")) if r["kind"] == "benign"]
+    assert len(benign) == 4
+    assert sum(p in files["benign"] for p in benign) == 2 and sum(p in files["chat"] for p in benign) == 2

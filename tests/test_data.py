@@ -281,6 +281,18 @@ def test_resolve_names_files_and_columns(tmp_path):
     assert [p.text for p in data.resolve_prompts(str(txt))] == ["hello"]
 
 
+def test_sets_joined_with_plus_share_n_each_from_its_own_part(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(f"question {i}?\n" for i in range(200)))
+    b.write_text("".join(f"write a poem about {i}\n" for i in range(200)))
+    mixed = data.pick(f"{a}+{b}", "train", 7, seed=3)
+    assert [p.text for p in mixed] == [p.text for p in data.pick(str(a), "train", 4, 3) + data.pick(str(b), "train", 3, 3)]
+    assert len(data.pick(f"{a}+{b}", "train", 0)) == len(data.pick(str(a), "train", 0)) + len(data.pick(str(b), "train", 0))
+    assert len(data.pick("benign-qa+mt-bench", "train", 100)) == 50 + 24  # mt-bench's train part has 24 prompts
+    with pytest.raises(NestuneError, match="empty name"):
+        data.pick(f"{a}++{b}", "train", 4)
+
+
 def test_resolve_unknown_spec_explains_the_options():
     with pytest.raises(NestuneError, match="hf:<dataset_id>"):
         data.resolve_prompts("definitely-not-a-set-or-file")

@@ -54,6 +54,7 @@ def test_same_or_speed_only_settings_resume(tmp_path):
 @pytest.mark.parametrize("key, value, first, folders", [
     ("detect__z_threshold", 2.5, "detect", ["detect", "cluster", "train", "fold", "eval-after"]),
     ("train__lr", 0.7, "train", ["train", "fold", "eval-after"]),
+    ("train__benign", "benign-qa+mt-bench", "train", ["train", "fold", "eval-after"]),
     ("eval__n_behaviours", 5, "eval-before", ["eval-before/DONE.json", "eval-after/DONE.json"]),
     # the evaluation before reads its benign (KL) prompts from detect.benign: kept, it would compare
     # next-token distributions of other prompts than the evaluation after

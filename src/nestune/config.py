@@ -50,6 +50,9 @@ class TrainConfig:
     method: str = "nest"  # nest, full, lora, circuit-breakers, neurons, random
     n_harmful: int = 96  # harmful prompts from the train split
     n_benign: int = 96  # benign prompts whose original answers are kept
+    # the set training's benign prompts come from (its train part); "" = detect.benign's. Sets joined with "+"
+    # share n_benign equally, e.g. benign-qa+mt-bench+vicuna: questions and chat requests (docs/experiments.md)
+    benign: str = ""
     # safe prompts that look unsafe (the train part of eval.overrefusal; evaluation uses its held-out part),
     # kept answering as the original model did; 0 by default: what they take off over-refusal they add to the
     # ASR (smollm2: 20% -> 15% and 20% -> 33%; qwen, linear decay: 45% -> 27.5% and 13.3% -> 22.1%;

@@ -620,7 +620,14 @@ def pick(spec: str, part: str, n: int, seed: int = 0) -> list[Prompt]:
 
     Every stage takes its prompts through here: detection from `detect`, training from `train`,
     attack evaluation from `heldout`, so no evaluated behaviour was seen in detection or training.
+    Sets joined with "+" ("benign-qa+mt-bench") share n equally, each from its own part.
     """
+    sets = spec.split("+") if "+" in spec and spec not in DATASETS and not Path(spec).is_file() else [spec]
+    if len(sets) > 1:
+        if not all(sets):
+            raise NestuneError(f"'{spec}' has an empty name between its '+' signs", "join set names, e.g. a+b")
+        shares = [n // len(sets) + (i < n % len(sets)) for i in range(len(sets))] if n else [0] * len(sets)
+        return [p for s, k in zip(sets, shares) if k or not n for p in pick(s, part, k, seed)]
     prompts = resolve_prompts(spec)
     chosen = split(prompts, DEFAULT_SPLIT, SPLIT_SEED)[part]
     if not chosen:

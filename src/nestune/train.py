@@ -98,7 +98,7 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
     harmful = [getattr(p, "text", p) for p in harmful]
     lookalike = []
     if benign is None:
-        benign = [p.text for p in data.pick(cfg.detect.benign, "train", t.n_benign, cfg.seed)]
+        benign = [p.text for p in data.pick(t.benign or cfg.detect.benign, "train", t.n_benign, cfg.seed)]
         if t.n_lookalike:
             lookalike = [p.text for p in data.pick(cfg.eval.overrefusal, "train", t.n_lookalike, cfg.seed)]
     if not harmful:
