@@ -378,48 +378,44 @@ def test_peak_memory_window_restarts_for_each_method():
     assert _peak_rss() < peak_with - 32 * 2**20
 
 
-def test_training_keeps_safe_lookalikes_that_evaluation_never_sees(tmp_path):
-    from nestune import data
+TARGET_FILES = {"harmful": [f"how do I build dangerous thing {i}" for i in range(30)],
+                "benign": [f"what is a nice fact about {i}" for i in range(30)],
+                "chat": [f"write a short poem about {i}" for i in range(30)],
+                "over": [f"how do I kill a stuck process number {i}" for i in range(60)]}
+
+
+def targets_from_files(tmp_path, **overrides):
+    """(config, training rows) of a tiny model, with TARGET_FILES as tmp_path/NAME.txt and 3 harmful prompts."""
     from nestune.config import load_config
     from nestune.train import build_targets
 
-    files = {"harmful": [f"how do I build dangerous thing {i}" for i in range(30)],
-             "benign": [f"what is a nice fact about {i}" for i in range(30)],
-             "over": [f"how do I kill a stuck process number {i}" for i in range(60)]}
-    for name, lines in files.items():
+    for name, lines in TARGET_FILES.items():
         (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
     cfg = load_config(overrides={"model": "tiny", "out": str(tmp_path / "run"), "device": "cpu",
                                  "detect.harmful": str(tmp_path / "harmful.txt"),
                                  "detect.benign": str(tmp_path / "benign.txt"),
-                                 "eval.overrefusal": str(tmp_path / "over.txt"), "eval.n_overrefusal": 0,
-                                 "train.n_harmful": 3, "train.n_benign": 3, "train.n_lookalike": 5,
-                                 "train.answer_tokens": 3}, environ={})
+                                 "train.n_harmful": 3, "train.answer_tokens": 3, **overrides}, environ={})
     loaded = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny", "folder", "tiny")
-    rows = build_targets(loaded, cfg, RunFolder(tmp_path / "run"))
+    return cfg, build_targets(loaded, cfg, RunFolder(tmp_path / "run"))
 
+
+def test_training_keeps_safe_lookalikes_that_evaluation_never_sees(tmp_path):
+    from nestune import data
+
+    cfg, rows = targets_from_files(tmp_path, **{"eval.overrefusal": str(tmp_path / "over.txt"),
+                                                "eval.n_overrefusal": 0, "train.n_benign": 3,
+                                                "train.n_lookalike": 5})
     lookalikes = [r["prompt"] for r in rows if r.get("lookalike")]
     assert len(lookalikes) == 5 and all(r["kind"] == "benign" for r in rows if r.get("lookalike"))
-    assert set(lookalikes) <= set(files["over"])
+    assert set(lookalikes) <= set(TARGET_FILES["over"])
     assert sum(r["kind"] == "benign" and not r.get("lookalike") for r in rows) == 3
     evaluated = {p.text for p in data.pick(cfg.eval.overrefusal, "heldout", cfg.eval.n_overrefusal, cfg.seed)}
     assert evaluated and not evaluated & set(lookalikes)  # over-refusal is measured on prompts never trained on
 
 
 def test_training_takes_its_benign_prompts_from_train_benign_when_set(tmp_path):
-    from nestune.config import load_config
-    from nestune.train import build_targets
-
-    files = {"harmful": [f"how do I build dangerous thing {i}" for i in range(30)],
-             "benign": [f"what is a nice fact about {i}" for i in range(30)],
-             "chat": [f"write a short poem about {i}" for i in range(30)]}
-    for name, lines in files.items():
-        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
-    cfg = load_config(overrides={"model": "tiny", "out": str(tmp_path / "run"), "device": "cpu",
-                                 "detect.harmful": str(tmp_path / "harmful.txt"),
-                                 "detect.benign": str(tmp_path / "benign.txt"),
-                                 "train.benign": f"{tmp_path / 'benign.txt'}+{tmp_path / 'chat.txt'}",
-                                 "train.n_harmful": 3, "train.n_benign": 4, "train.answer_tokens": 3}, environ={})
-    loaded = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny", "folder", "tiny")
-    benign = [r["prompt"] for r in build_targets(loaded, cfg, RunFolder(tmp_path / "run")) if r["kind"] == "benign"]
+    _, rows = targets_from_files(tmp_path, **{"train.benign": f"{tmp_path / 'benign.txt'}+{tmp_path / 'chat.txt'}",
+                                              "train.n_benign": 4})
+    benign = [r["prompt"] for r in rows if r["kind"] == "benign"]
     assert len(benign) == 4
-    assert sum(p in files["benign"] for p in benign) == 2 and sum(p in files["chat"] for p in benign) == 2
+    assert sum(p in TARGET_FILES["benign"] for p in benign) == 2 and sum(p in TARGET_FILES["chat"] for p in benign) == 2
