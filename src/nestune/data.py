@@ -626,8 +626,10 @@ def pick(spec: str, part: str, n: int, seed: int = 0) -> list[Prompt]:
     if len(sets) > 1:
         if not all(sets):
             raise NestuneError(f"'{spec}' has an empty name between its '+' signs", "join set names, e.g. a+b")
-        shares = [n // len(sets) + (i < n % len(sets)) for i in range(len(sets))] if n else [0] * len(sets)
-        return [p for s, k in zip(sets, shares) if k or not n for p in pick(s, part, k, seed)]
+        if not n:  # all of every set's part
+            return [p for s in sets for p in pick(s, part, 0, seed)]
+        shares = [n // len(sets) + (i < n % len(sets)) for i in range(len(sets))]
+        return [p for s, k in zip(sets, shares) if k for p in pick(s, part, k, seed)]
     prompts = resolve_prompts(spec)
     chosen = split(prompts, DEFAULT_SPLIT, SPLIT_SEED)[part]
     if not chosen:
