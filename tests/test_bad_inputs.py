@@ -106,12 +106,12 @@ def model_folder_with_config(t, config: str) -> str:
     return str(Path(write(t / "model" / "config.json", config)).parent)
 
 
-def run_of_model(t, model: str, stages=("detect",)) -> Path:
+def run_of_model(t, model: str, stages=("detect",), **settings) -> Path:
     from nestune.config import load_config
     from nestune.runfolder import RunFolder
 
     run = RunFolder(t / "run")
-    run.save_config(load_config(overrides={"model": model}, environ={}))
+    run.save_config(load_config(overrides={"model": model, **settings}, environ={}))
     for stage in stages:
         run.mark_done(stage)
     return run.path
@@ -229,6 +229,14 @@ CATALOGUE = [
      ["not a readable safetensors file", "damaged"]),
     ("corrupt-adapter-config", lambda a, t, m: bad_adapter(a, t, lambda f: truncate(f / "adapter_config.json")),
      ["adapter_config.json' is not valid JSON", "damaged"]),
+    ("negative-fold-scale", lambda a, t, m: ["apply", "--adapter", a.adapter, "--model", a.tiny, "--out", t / "o",
+                                             "--device", "cpu", "--scale", "-0.5"],
+     ["--scale -0.5 is negative", "--scale 0.75"]),
+    ("fold-scale-on-a-merged-baseline", lambda a, t, m: (
+        run_of_model(t, a.tiny, ("train",), **{"train.method": "lora"}),
+        write(t / "run" / "train" / "merged" / "config.json", "{}"),
+        ["fold", "--out", t / "run", "--scale", "0.5"])[2],
+     ["fold.scale=0.5 applies to NeST updates", "leave fold.scale at 1"]),
     ("not-an-adapter-folder", lambda a, t, m: ["apply", "--adapter", t, "--model", a.tiny, "--out", t / "o"],
      ["is not a nestune adapter folder", "adapter_model.safetensors"]),
     # --- settings

@@ -102,6 +102,26 @@ def test_same_seed_and_inputs_give_the_same_neurons_clusters_and_deltas(inputs, 
     assert_same_run(reference, again)
 
 
+def test_another_fold_scale_refolds_the_same_training(inputs, reference, tmp_path):
+    """`--set fold.scale=S` on a copy of a trained run folds S times the update and trains nothing again."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "fold")  # the refusal to reuse a fold of another scale is test_runfolder's
+    result = subprocess.run(command(inputs, out) + ["--set", "fold.scale=0.5"], capture_output=True, text=True,
+                            timeout=300, env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "[train] already complete" in result.stdout
+    base = tensors(Path(inputs[1]) / "model.safetensors")
+    full, half = tensors(reference / "fold/model/model.safetensors"), tensors(out / "fold/model/model.safetensors")
+    changed = [k for k in base if not torch.equal(full[k], base[k])]
+    assert changed and all(torch.equal(half[k], base[k]) for k in base if k not in changed)
+    for k in changed:
+        assert torch.allclose(half[k] - base[k], 0.5 * (full[k] - base[k]), atol=1e-6), k
+    assert json.loads((out / "fold" / "summary.json").read_text())["scale"] == 0.5
+
+
 def test_a_run_killed_during_training_resumes_without_redoing_finished_stages(inputs, reference, tmp_path):
     out = tmp_path / "run"
     log = open(tmp_path / "first.log", "w")

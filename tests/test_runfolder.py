@@ -31,7 +31,8 @@ def test_stage_settings_hold_what_each_stage_depends_on():
     assert detect["detect.z_threshold"] == cfg.detect.z_threshold and "cluster.k_max" not in detect
     assert set(detect) < set(cluster) < set(train) and "train.lr" in train and "eval.n_behaviours" not in train
     assert "eval.n_behaviours" in before and "train.lr" not in before and "detect.z_threshold" not in before
-    assert set(train) < set(after) and stage_settings(cfg, "fold") == train
+    fold = stage_settings(cfg, "fold")
+    assert set(train) < set(fold) < set(after) and set(fold) - set(train) == {"fold.scale"}
     for settings in (detect, train, after):  # speed-only keys are left out
         assert not {"detect.batch_size", "eval.batch_size", "eval.generator"} & set(settings)
     lora = stage_settings(config(train__method="lora"), "train")
@@ -55,6 +56,7 @@ def test_same_or_speed_only_settings_resume(tmp_path):
     ("detect__z_threshold", 2.5, "detect", ["detect", "cluster", "train", "fold", "eval-after"]),
     ("train__lr", 0.7, "train", ["train", "fold", "eval-after"]),
     ("train__benign", "benign-qa+mt-bench", "train", ["train", "fold", "eval-after"]),
+    ("fold__scale", 0.5, "fold", ["fold", "eval-after"]),  # a new share of the update: refold, not retrain
     ("eval__n_behaviours", 5, "eval-before", ["eval-before/DONE.json", "eval-after/DONE.json"]),
     # the evaluation before reads its benign (KL) prompts from detect.benign: kept, it would compare
     # next-token distributions of other prompts than the evaluation after

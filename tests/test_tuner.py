@@ -70,6 +70,20 @@ def test_fold_matches_adapter_and_leaves_other_weights_bit_identical(arch):
         assert not torch.equal(before[mask], after[mask]), key
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])  # plain, fused gate_up (offset), Conv1D (transposed)
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.5])
+def test_scaled_fold_moves_the_rows_by_that_share_of_the_update(arch, scale):
+    base_model, model = tiny_model(arch), tiny_model(arch)
+    full, scaled = make_adapter(base_model), make_adapter(model)
+    full.fold(base_model)
+    before = {k: v.clone() for k, v in tiny_model(arch).state_dict().items()}
+    scaled.scale(scale).fold(model)
+    for key, w in model.state_dict().items():
+        assert torch.allclose(w - before[key], scale * (base_model.state_dict()[key] - before[key]), atol=1e-6), key
+    if scale == 0:
+        assert all(torch.equal(w, before[k]) for k, w in model.state_dict().items())
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])
 def test_parameter_count_and_shared_updates(arch):
     model = tiny_model(arch)

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fold", help="write the hardened model as a standard Hugging Face checkpoint")
     _common(p, run_required=True)
+    p.add_argument("--scale", type=float, help="share of the trained update folded in (fold.scale, default 1)")
 
     p = sub.add_parser("apply", help="fold a saved NeST adapter into its base model")
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + safetensors)")
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the folded checkpoint")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--scale", type=float, default=1.0, help="share of the trained update folded in (default 1)")
 
     p = sub.add_parser("eval", help="evaluate a model: attack success, over-refusal, utility")
     _common(p)
@@ -118,7 +120,7 @@ FLAG_KEYS = {
     "device_map": "device_map", "max_memory": "max_memory", "trust_remote_code": "trust_remote_code",
     "harmful": "detect.harmful", "benign": "detect.benign", "z_threshold": "detect.z_threshold",
     "scope": "cluster.scope", "k_max": "cluster.k_max",
-    "method": "train.method", "epochs": "train.epochs", "lr": "train.lr",
+    "method": "train.method", "epochs": "train.epochs", "lr": "train.lr", "scale": "fold.scale",
     "judge": "eval.judge", "attacks": "eval.attacks", "generator": "eval.generator",
 }
 
@@ -167,7 +169,7 @@ def dispatch(args) -> None:
     if cmd == "apply":
         from .fold import apply_adapter
 
-        out = apply_adapter(args.adapter, args.model, args.out, args.device, args.dtype)
+        out = apply_adapter(args.adapter, args.model, args.out, args.device, args.dtype, args.scale)
         print(f"folded model written to {out}")
         return
     if cmd == "report":

@@ -91,6 +91,14 @@ class TrainConfig:
 
 
 @dataclass
+class FoldConfig:
+    # The share of the trained update written into the weights: 1 folds all of it; below 1 leaves the model part
+    # of the way to the base (trading attack success for over-refusal and utility), above 1 goes further. A
+    # post-hoc knob: changing it refolds and re-evaluates without training again (docs/experiments.md)
+    scale: float = 1.0
+
+
+@dataclass
 class EvalConfig:
     behaviours: str = "advbench"  # only its `heldout` split is used when it is the detect/train set
     n_behaviours: int = 24
@@ -138,6 +146,7 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fold: FoldConfig = field(default_factory=FoldConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
 
@@ -145,7 +154,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("detect", "cluster", "train", "eval", "attack")
+SECTIONS = ("detect", "cluster", "train", "fold", "eval", "attack")
 
 # The smoke preset runs the whole line on smollm2-135m in about a minute: for tests and quick checks.
 PRESETS: dict[str, dict[str, Any]] = {

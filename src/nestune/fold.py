@@ -59,6 +59,7 @@ def model_card(cfg: Config, run: RunFolder, adapter_config: dict) -> str:
         f"| detection | z > {cfg.detect.z_threshold}, mean probe AUC {detect.get('mean_auc', '?')} |",
         f"| training | {train.get('steps', '?')} steps, {train.get('n_harmful', '?')} harmful + "
         f"{train.get('n_benign', '?')} benign prompts, final loss {train.get('final_loss', '?')} |",
+        f"| share of the trained update folded in | {cfg.fold.scale:g} (fold.scale) |",
         "",
         "Evaluation results, when the run evaluated the model, are in the run folder's `results.json` and "
         "`report.html`.",
@@ -74,6 +75,11 @@ def run_fold(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> 
     train_dir = run.require("train", "run `nestune train --run RUN` first")
     out = run.stage("fold") / "model"
     merged = train_dir / "merged"  # baselines that merge while training (LoRA, full) leave their model here
+    scale = cfg.fold.scale
+    if merged.exists() and scale != 1:
+        raise NestuneError(f"fold.scale={scale} applies to NeST updates, but '{train_dir}' holds a baseline's "
+                           "merged model (LoRA, full fine-tuning or circuit breakers)",
+                           "leave fold.scale at 1 for the baselines")
     if merged.exists():
         if out.exists():
             shutil.rmtree(out)
@@ -86,24 +92,27 @@ def run_fold(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> 
     loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     adapter, config = NeSTAdapter.load(adapter_dir)
     check_same_base(config, loaded.model)
-    adapter.fold(loaded.model)
+    adapter.scale(scale).fold(loaded.model)
     save_checkpoint_folder(loaded, out, model_card(cfg, run, config))
     write_json(run.stage("fold") / "summary.json", {"path": str(out), "trainable_params": config.get(
-        "trainable_parameters")})
+        "trainable_parameters"), "scale": scale})
     run.mark_done("fold", {"path": str(out)})
     print(f"folded model written to {out}", flush=True)
     return out
 
 
-def apply_adapter(adapter_dir: str, model_spec: str, out: str, device="auto", dtype="auto") -> Path:
-    """`nestune apply`: fold a saved adapter into its base model and save the result."""
+def apply_adapter(adapter_dir: str, model_spec: str, out: str, device="auto", dtype="auto", scale=1.0) -> Path:
+    """`nestune apply`: fold a saved adapter, its updates times `scale`, into its base model and save the result."""
     from .tuner import NeSTAdapter, check_same_base
 
+    if scale < 0:
+        raise NestuneError(f"--scale {scale} is negative: it would reverse the trained update",
+                           "give a share between 0 and 1 (or above 1 to go further), e.g. --scale 0.75")
     adapter, config = NeSTAdapter.load(adapter_dir)
     loaded = load_model(model_spec, device, dtype)
     check_same_base(config, loaded.model)
-    adapter.fold(loaded.model)
+    adapter.scale(scale).fold(loaded.model)
     card = (f"# {model_spec} + NeST adapter\n\nFolded from `{adapter_dir}` by `nestune apply` "
-            f"({config.get('trainable_parameters')} trainable parameters).\n")
+            f"({config.get('trainable_parameters')} trainable parameters, scale {scale:g}).\n")
     save_checkpoint_folder(loaded, Path(out), card)
     return Path(out)

@@ -87,13 +87,17 @@ def run_pipeline(cfg: Config, evaluate: bool = True) -> dict:
 
 
 def evaluated_model(cfg: Config, adapter: str | None) -> dict:
-    """What `nestune eval` evaluates: the model (a path made absolute), the adapter if any, the dtype."""
+    """What `nestune eval` evaluates: the model (a path made absolute), the adapter if any and the share of it
+    applied (fold.scale, recorded when not 1), the dtype."""
     model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
-    return {"model": model, "adapter": str(Path(adapter).resolve()) if adapter else None, "dtype": cfg.dtype}
+    scale = {"scale": cfg.fold.scale} if adapter and cfg.fold.scale != 1 else {}
+    return {"model": model, "adapter": str(Path(adapter).resolve()) if adapter else None, "dtype": cfg.dtype,
+            **scale}
 
 
 def _describe(model: dict) -> str:
     adapter = f" with adapter '{model['adapter']}'" if model.get("adapter") else ""
+    adapter += f" at scale {model['scale']:g}" if "scale" in model else ""
     return f"'{model.get('model')}'{adapter} (dtype {model.get('dtype')})"
 
 
@@ -124,7 +128,7 @@ def eval_command(cfg: Config, adapter: str | None = None) -> dict:
     if adapter:
         nest, config = NeSTAdapter.load(adapter)
         check_same_base(config, loaded.model)
-        nest.attach(loaded.model)
+        nest.scale(cfg.fold.scale).attach(loaded.model)
     metrics = evaluate_stage(cfg, run, "eval", loaded)
     print_metrics(metrics)
     return metrics

@@ -79,6 +79,7 @@ def collect_results(run: RunFolder) -> dict:
         "model": cfg.get("model"),
         "method": train.get("method", (cfg.get("train") or {}).get("method")),
         "trainable_params": train.get("trainable_params"),
+        "fold_scale": (_maybe(run.path / "fold" / "summary.json") or {}).get("scale", 1.0),
         "judge": any_eval.get("judge"),
         "judge_validation": any_eval.get("judge_validation"),
         "decoding": any_eval.get("decoding"),
@@ -244,6 +245,8 @@ def render_markdown(results: dict) -> str:
     lines = [f"# nestune report: {results.get('model')} ({results.get('method')})", ""]
     lines += [f"- trainable parameters: {results.get('trainable_params'):,}" if results.get("trainable_params")
               else "- trainable parameters: -"]
+    if results.get("fold_scale", 1.0) != 1:
+        lines.append(f"- share of the trained update folded in: {results['fold_scale']:g} (fold.scale)")
     det = results.get("detection") or {}
     if det:
         lines.append(f"- safety neurons: {det.get('total_selected')} of {det.get('total_neurons')} "

@@ -136,6 +136,13 @@ class NeSTAdapter(nn.Module):
         return scales
 
     @torch.no_grad()
+    def scale(self, factor: float) -> NeSTAdapter:
+        """Multiply every update by `factor` (fold.scale): 1 keeps the trained update, 0 gives the base model."""
+        for update in self.updates.values():
+            update.delta.mul_(factor)
+        return self
+
+    @torch.no_grad()
     def fold(self, model: nn.Module) -> None:
         """W[rows] += delta[cluster_of_row], in fp32, then removes the hooks. Other weights are untouched."""
         self.detach()
