@@ -268,6 +268,11 @@ CATALOGUE = [
         write(t / "run" / "eval" / "evaluated_model.json", '{"model": "smollm2-135m", "adapter": null, "dtype": "auto"}'),
         eval_with_stub_data(a, t, m))[1],
      ["holds the answers of 'smollm2-135m' (dtype auto), not of", "use a new --out folder for this model"]),
+    ("eval-folder-of-another-fold-scale", lambda a, t, m: (
+        write(t / "run" / "eval" / "evaluated_model.json", json.dumps(
+            {"model": str(Path(a.tiny).resolve()), "adapter": str(Path(a.adapter).resolve()), "dtype": "auto"})),
+        eval_with_stub_data(a, t, m, "--adapter", a.adapter, "--set", "fold.scale=0.5"))[1],
+     ["with adapter", "at scale 0.5 (dtype auto)", "use a new --out folder for this model"]),
     ("unknown-attack", lambda a, t, m: eval_with_stub_data(a, t, m, "--attacks", "none,dan99"),
      ["unknown attack(s): dan99", "available: none, prefill, aim"]),
     ("unknown-judge", lambda a, t, m: eval_with_stub_data(a, t, m, "--judge", "gpt-judge"),
