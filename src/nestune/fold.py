@@ -76,11 +76,11 @@ def run_fold(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> 
     out = run.stage("fold") / "model"
     merged = train_dir / "merged"  # baselines that merge while training (LoRA, full) leave their model here
     scale = cfg.fold.scale
-    if merged.exists() and scale != 1:
-        raise NestuneError(f"fold.scale={scale} applies to NeST updates, but '{train_dir}' holds a baseline's "
-                           "merged model (LoRA, full fine-tuning or circuit breakers)",
-                           "leave fold.scale at 1 for the baselines")
     if merged.exists():
+        if scale != 1:
+            raise NestuneError(f"fold.scale={scale} applies to NeST updates, but '{train_dir}' holds a baseline's "
+                               "merged model (LoRA, full fine-tuning or circuit breakers)",
+                               "leave fold.scale at 1 for the baselines")
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(merged, out)
