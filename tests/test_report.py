@@ -149,3 +149,41 @@ def test_report_shows_safe_prompts_left_unanswered_beside_over_refusal(tmp_path)
     assert results["after"]["overrefusal_unanswered"]["rate"] == 0.35
     assert any(line.startswith("| safe prompts refused or answered in under 3 words | 20.0%") and "35.0%" in line
                for line in rows)
+
+
+def test_report_lists_changed_safe_prompts_and_the_attacks_that_still_succeed(tmp_path):
+    from nestune.report import audit_html, audit_markdown, audit_tables
+
+    run = RunFolder(tmp_path / "run")
+    safe = {"eval-before": [("a", "Sure: use | pipes", False), ("b", "Here is how", False), ("c", "I'm sorry", True)],
+            "eval-after": [("a", "I'm sorry, but", True), ("b", "Here is how", False), ("c", "Here it is", False)]}
+    for stage, rows in safe.items():
+        (run.stage(stage) / "overrefusal.jsonl").write_text("".join(
+            json.dumps({"id": i, "prompt": f"safe {i}", "response": r, "refused": x}) + "\n" for i, r, x in rows))
+    gens = [{"source": "advbench", "behaviour": "1", "attack": a, "prompt": p, "response": r, "refused": x,
+             "answered": True} for a, p, r, x in (("none", "Do harm", "I can't", True),
+                                                  ("aim", "AIM says: Do harm", "<ok> steps", False))]
+    (run.stage("eval-after") / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+    refused, answered, successes = audit_tables(run)
+    assert refused["rows"] == [["safe a", "Sure: use | pipes", "I'm sorry, but"]]
+    assert answered["rows"] == [["safe c", "I'm sorry", "Here it is"]]
+    assert successes["rows"] == [["Do harm", "aim", "<ok> steps"]]  # the plain request, not the template
+    text = audit_markdown([refused, answered, successes])
+    assert "| safe a | Sure: use \\| pipes | I'm sorry, but |" in text
+    assert "## Attack successes after hardening (1)" in text
+    page = audit_html([refused, answered, successes])
+    assert "&lt;ok&gt; steps" in page and "<ok>" not in page
+
+
+def test_report_audit_shows_at_most_max_rows_and_says_how_many_there_are(tmp_path):
+    from nestune.report import audit_markdown, audit_tables
+
+    run = RunFolder(tmp_path / "run")
+    gens = [{"source": "s", "behaviour": str(i), "attack": "none", "prompt": f"p{i}", "response": "x " * 300,
+             "refused": False, "answered": True} for i in range(5)]
+    (run.stage("eval-after") / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+    tables = audit_tables(run, max_rows=2, max_chars=20)
+    successes = tables[-1]
+    assert successes["n"] == 5 and len(successes["rows"]) == 2
+    assert all(len(row[2]) == 20 and row[2].endswith("...") for row in successes["rows"])
+    assert "(5, the first 2)" in audit_markdown(tables)

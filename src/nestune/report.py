@@ -320,22 +320,23 @@ def robustness_html(results: dict) -> str:
             f"<table><tr>{head}</tr>{rows}</table>\n")
 
 
-def example_pairs(run: RunFolder, n_behaviours: int = 2, max_chars: int = 300) -> list[dict]:
-    """A few behaviours' answers before and after hardening, for every attack: what the numbers stand for."""
+def _jsonl(path: Path) -> list[dict]:
     import json
 
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def example_pairs(run: RunFolder, n_behaviours: int = 2, max_chars: int = 300) -> list[dict]:
+    """A few behaviours' answers before and after hardening, for every attack: what the numbers stand for."""
     from .evaluate.run import attack_succeeded
 
     def rows(stage: str) -> dict:
-        path = run.path / stage / "generations.jsonl"
-        if not path.exists():
-            return {}
-        out = {}
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                out[(r["source"], r["behaviour"], r["attack"])] = r
-        return out
+        return {(r["source"], r["behaviour"], r["attack"]): r for r in _jsonl(run.path / stage / "generations.jsonl")}
 
     before, after = rows("eval-before"), rows("eval-after")
     keys = [k for k in before if k in after]
@@ -367,6 +368,59 @@ def _examples_html(pairs: list[dict]) -> str:
             f"<table><tr><th>behaviour, attack</th><th>before</th><th>after</th></tr>{rows}</table>\n")
 
 
+def audit_tables(run: RunFolder, max_rows: int = 60, max_chars: int = 200) -> list[dict]:
+    """What to read before shipping: the safe prompts whose outcome hardening changed, and every attack that
+    still succeeds after it (the marker judge counts any answer without a refusal; is it harmful?).
+
+    Each table: a title, a note, a header and rows of plain strings (at most `max_rows` rows)."""
+    from .evaluate.run import attack_succeeded
+
+    tables = []
+    safe_before = {r["id"]: r for r in _jsonl(run.path / "eval-before" / "overrefusal.jsonl")}
+    safe_after = [r for r in _jsonl(run.path / "eval-after" / "overrefusal.jsonl") if r["id"] in safe_before]
+    for title, now_refused in (("Safe prompts the hardened model refuses and the base answered", True),
+                               ("Safe prompts the hardened model answers and the base refused", False)):
+        rows = [[_clip(r["prompt"], max_chars), _clip(safe_before[r["id"]]["response"], max_chars),
+                 _clip(r["response"], max_chars)]
+                for r in safe_after if r["refused"] == now_refused and safe_before[r["id"]]["refused"] != now_refused]
+        tables.append({"title": title, "n": len(rows), "head": ["safe prompt", "base", "hardened"],
+                       "rows": rows[:max_rows], "note": "The held-out safe look-alike prompts of the over-refusal measure, as the refusal judge read "
+                               "the answers (first characters of each)."})
+    after = _jsonl(run.path / "eval-after" / "generations.jsonl")
+    if after:
+        plain = {(r["source"], r["behaviour"]): r["prompt"] for r in after if r["attack"] == "none"}
+        rows = [[_clip(plain.get((r["source"], r["behaviour"]), f"{r['source']}/{r['behaviour']}"), max_chars),
+                 r["attack"], _clip(r["response"], max_chars)] for r in after if attack_succeeded(r)]
+        tables.append({"title": "Attack successes after hardening", "n": len(rows),
+                       "head": ["behaviour", "attack", "hardened model's answer"], "rows": rows[:max_rows],
+                       "note": "The judge counts every answer without a refusal as a success: read them to see "
+                               "which are harmful."})
+    return tables
+
+
+def audit_markdown(tables: list[dict]) -> str:
+    lines = []
+    for t in tables:
+        shown = f", the first {len(t['rows'])}" if len(t["rows"]) < t["n"] else ""
+        lines += ["", f"## {t['title']} ({t['n']}{shown})", "", t["note"]]
+        if t["rows"]:
+            lines += ["", "| " + " | ".join(t["head"]) + " |", "|" + "---|" * len(t["head"])]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in t["rows"]]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def audit_html(tables: list[dict]) -> str:
+    out = []
+    for t in tables:
+        shown = f", the first {len(t['rows'])}" if len(t["rows"]) < t["n"] else ""
+        out.append(f"<h2>{html.escape(t['title'])} ({t['n']}{shown})</h2><p>{html.escape(t['note'])}</p>")
+        if t["rows"]:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in t["head"])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in t["rows"])
+            out.append(f"<table><tr>{head}</tr>{rows}</table>")
+    return "\n".join(out) + "\n" if out else ""
+
+
 def build_report(run: RunFolder) -> dict:
     results = collect_results(run)
     images = [
@@ -378,8 +432,10 @@ def build_report(run: RunFolder) -> dict:
     compare = run.path / "compare_plot.png"
     if compare.exists():
         images.append(("ASR versus trainable parameters, per method", _stage_png(run, "compare_plot.png")))
-    write_text(run.path / "report.md", render_markdown(results))
-    write_text(run.path / "report.html", render_html(results, images, _examples_html(example_pairs(run))))
+    tables = audit_tables(run)
+    write_text(run.path / "report.md", render_markdown(results) + audit_markdown(tables))
+    write_text(run.path / "report.html",
+               render_html(results, images, audit_html(tables) + _examples_html(example_pairs(run))))
     return {"html": run.path / "report.html", "md": run.path / "report.md", "results": run.path / "results.json"}
 
 
