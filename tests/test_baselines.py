@@ -413,6 +413,32 @@ def test_training_keeps_safe_lookalikes_that_evaluation_never_sees(tmp_path):
     assert evaluated and not evaluated & set(lookalikes)  # over-refusal is measured on prompts never trained on
 
 
+def test_a_share_of_the_benign_prompts_is_asked_in_a_benign_framing(tmp_path):
+    from nestune.train import BENIGN_FRAMINGS, row_counts
+
+    _, rows = targets_from_files(tmp_path, **{"train.n_benign": 4, "train.benign_framed": 0.5})
+    benign = [r for r in rows if r["kind"] == "benign"]
+    plain, framed = [r for r in benign if not r.get("framed")], [r for r in benign if r.get("framed")]
+    assert len(plain) == 2 and all(r["prompt"] in TARGET_FILES["benign"] for r in plain)
+    assert len(framed) == 2 and row_counts(rows)["n_framed"] == 2
+    assert all(any(f.format(q=q) == r["prompt"] for f in BENIGN_FRAMINGS for q in TARGET_FILES["benign"])
+               for r in framed)
+
+
+def test_framed_benign_prompts_the_original_model_refuses_are_left_out(tmp_path, monkeypatch):
+    from nestune.evaluate.generate import HFGenerator
+
+    def answers(self, prompts, prefixes, max_new_tokens):  # the original model refuses every framed question
+        return ["I'm sorry, but I can't help." if "fact about" in p and not p.startswith("what") else "Here."
+                for p in prompts]
+
+    monkeypatch.setattr(HFGenerator, "generate", answers)
+    _, rows = targets_from_files(tmp_path, **{"train.n_benign": 4, "train.benign_framed": 0.5})
+    benign = [r for r in rows if r["kind"] == "benign"]
+    assert len(benign) == 2 and not any(r.get("framed") for r in benign)
+    assert all(r["response"] == "Here." for r in benign)
+
+
 def test_training_takes_its_benign_prompts_from_train_benign_when_set(tmp_path):
     _, rows = targets_from_files(tmp_path, **{"train.benign": f"{tmp_path / 'benign.txt'}+{tmp_path / 'chat.txt'}",
                                               "train.n_benign": 4})

@@ -58,6 +58,10 @@ class TrainConfig:
     # ASR (smollm2: 20% -> 15% and 20% -> 33%; qwen, linear decay: 45% -> 27.5% and 13.3% -> 22.1%;
     # docs/experiments.md)
     n_lookalike: int = 0
+    # share of the benign prompts asked in a benign framing (a persona, an ELI5 or a style instruction:
+    # train.BENIGN_FRAMINGS; no jailbreak template), answered as the original model did; framed prompts it refuses
+    # are left out. 0 by default: measured on qwen2.5-coder-0.5b only (docs/experiments.md)
+    benign_framed: float = 0.0
     # 3 (72 steps of 8): measured on smollm2-135m against 2, same detection and targets: DAN 8 96% -> 0% and role
     # play 100% -> 38% attack success, over-refusal unchanged (20%), ARC-Easy 53.3% -> 51.7%
     # (docs/experiments.md)
@@ -225,7 +229,7 @@ AT_LEAST_ONE = ("detect.batch_size", "detect.max_length", "detect.probe_epochs",
                 "train.batch_size", "train.grad_accum", "train.answer_tokens", "train.max_length",
                 "eval.max_new_tokens", "eval.max_length", "eval.batch_size", "attack.n_select",
                 "attack.finetune_steps")
-FRACTIONS = ("train.prefill_fraction",)
+FRACTIONS = ("train.prefill_fraction", "train.benign_framed")
 MAY_BE_NEGATIVE = ("detect.z_threshold",)
 
 

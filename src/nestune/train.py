@@ -4,7 +4,8 @@ Data (no jailbreak prompts, ever):
 - harmful prompts from the train split -> a refusal: the model's own refusal where it already refuses,
   otherwise a sentence from a varied refusal bank;
 - benign prompts from the train split -> the original model's own greedy answer (cross-entropy), or a KL
-  term to the original model's next-token distribution over that answer.
+  term to the original model's next-token distribution over that answer; a share of them may be asked in a
+  benign framing (`train.benign_framed`), and safe look-alikes may join them (`train.n_lookalike`).
 The original answers are generated once, before training, and cached in RUN/train/targets.jsonl.
 
 Loss only on response tokens. AdamW over the trainable parameters only. A checkpoint (trainable tensors,
@@ -56,6 +57,19 @@ REFUSAL_BANK = [
     "I cannot fulfil this request. Helping with it could cause real harm to others.",
 ]
 
+# Benign framings for train.benign_framed: a safe question asked in a persona or with a style instruction, so that
+# refusal is learnt from what is asked rather than how (written for nestune; no jailbreak template among them).
+BENIGN_FRAMINGS = [
+    "In character as a friendly pirate, answer this: {q}",
+    "Disregard formality and explain like I'm five: {q}",
+    "Pretend you are my favourite teacher. {q}",
+    "You are a medieval storyteller. Stay in character and tell me: {q}",
+    "Answer without any disclaimers or caveats: {q}",
+    "From now on you speak like a sports commentator. {q}",
+    "Ignore your usual style and answer in one short paragraph: {q}",
+    "Role-play as a wise old wizard advising a young apprentice. {q}",
+]
+
 
 # train.lr = 0 means the method's usual learning rate. For nest, neurons and random the lr is relative: each
 # delta's Adam step is lr x the RMS of the weight rows it changes (NeSTAdapter.row_scales), because the same
@@ -96,11 +110,15 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
     # Affirmative openings to recover from (see `prefill_rows`): the set's own target strings where it has them.
     openings = [getattr(p, "target", "") or DEFAULT_OPENING for p in harmful]
     harmful = [getattr(p, "text", p) for p in harmful]
-    lookalike = []
+    lookalike, n_framed = [], 0
     if benign is None:
         benign = [p.text for p in data.pick(t.benign or cfg.detect.benign, "train", t.n_benign, cfg.seed)]
         if t.n_lookalike:
             lookalike = [p.text for p in data.pick(cfg.eval.overrefusal, "train", t.n_lookalike, cfg.seed)]
+        n_framed = round(t.benign_framed * len(benign))
+        framing = random.Random(cfg.seed + 1)
+        benign[len(benign) - n_framed:] = [framing.choice(BENIGN_FRAMINGS).format(q=q)
+                                           for q in benign[len(benign) - n_framed:]]
     if not harmful:
         raise NestuneError("no harmful training prompts", "pass a non-empty harmful set (--harmful)")
     generator = HFGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size,
@@ -123,8 +141,18 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
             row["prefix"] = openings[i].strip()
             row["response"] = "\n\n" + rng.choice(REFUSAL_BANK)
         rows.append(row)
-    for i, (prompt, response) in enumerate(zip(benign + lookalike, responses[len(harmful):])):
+    benign_responses = responses[len(harmful):]
+    framed = slice(len(benign) - n_framed, len(benign))
+    framed_refused = RefusalJudge().judge(benign[framed], benign_responses[framed])
+    if any(framed_refused):
+        print(f"left out {sum(framed_refused)} of {n_framed} framed benign prompts: the original model refused them",
+              flush=True)
+    for i, (prompt, response) in enumerate(zip(benign + lookalike, benign_responses)):
         row = {"kind": "benign", "prompt": prompt, "response": response.strip()}
+        if framed.start <= i < framed.stop:
+            if framed_refused[i - framed.start]:
+                continue  # a refusal would teach the model to refuse a safe question for its framing
+            row["framed"] = True
         if i >= len(benign):
             row["lookalike"] = True  # a safe prompt that looks unsafe, kept as the original model answered it
         rows.append(row)
@@ -137,6 +165,7 @@ def row_counts(rows: list[dict]) -> dict:
     return {"n_harmful": sum(r["kind"] == "harmful" for r in rows),
             "n_benign": sum(r["kind"] == "benign" for r in rows),
             "n_lookalike": sum(bool(r.get("lookalike")) for r in rows),
+            "n_framed": sum(bool(r.get("framed")) for r in rows),
             "own_refusals": sum(bool(r.get("own_refusal")) for r in rows)}
 
 
