@@ -60,7 +60,8 @@ class TrainConfig:
     n_lookalike: int = 0
     # share of the benign prompts asked in a benign framing (a persona, an ELI5 or a style instruction:
     # train.BENIGN_FRAMINGS; no jailbreak template), answered as the original model did; framed prompts it refuses
-    # are left out. 0 by default: measured on qwen2.5-coder-0.5b only (docs/experiments.md)
+    # are left out. 0 by default: on qwen2.5-coder-0.5b with prefill_fraction 0.5, half framed gave over-refusal
+    # 22.5% once and 47.5% with another sample of the same prompts, and 30% on seed 2 (docs/experiments.md)
     benign_framed: float = 0.0
     # 3 (72 steps of 8): measured on smollm2-135m against 2, same detection and targets: DAN 8 96% -> 0% and role
     # play 100% -> 38% attack success, over-refusal unchanged (20%), ARC-Easy 53.3% -> 51.7%
