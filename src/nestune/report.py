@@ -384,8 +384,9 @@ def audit_tables(run: RunFolder, max_rows: int = 60, max_chars: int = 200) -> li
                  _clip(r["response"], max_chars)]
                 for r in safe_after if r["refused"] == now_refused and safe_before[r["id"]]["refused"] != now_refused]
         tables.append({"title": title, "n": len(rows), "head": ["safe prompt", "base", "hardened"],
-                       "rows": rows[:max_rows], "note": "The held-out safe look-alike prompts of the over-refusal measure, as the refusal judge read "
-                               "the answers (first characters of each)."})
+                       "rows": rows[:max_rows],
+                       "note": "The held-out safe look-alike prompts of the over-refusal measure, as the refusal "
+                               "judge read the answers (first characters of each)."})
     after = _jsonl(run.path / "eval-after" / "generations.jsonl")
     if after:
         plain = {(r["source"], r["behaviour"]): r["prompt"] for r in after if r["attack"] == "none"}

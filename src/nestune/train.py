@@ -142,16 +142,17 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
             row["response"] = "\n\n" + rng.choice(REFUSAL_BANK)
         rows.append(row)
     benign_responses = responses[len(harmful):]
-    framed = slice(len(benign) - n_framed, len(benign))
-    framed_refused = RefusalJudge().judge(benign[framed], benign_responses[framed])
-    if any(framed_refused):
-        print(f"left out {sum(framed_refused)} of {n_framed} framed benign prompts: the original model refused them",
+    framed = range(len(benign) - n_framed, len(benign))
+    # A refusal would teach the model to refuse a safe question for its framing: such prompts are left out.
+    left_out = {i for i in framed if RefusalJudge().refused(benign_responses[i])}
+    if left_out:
+        print(f"left out {len(left_out)} of {n_framed} framed benign prompts: the original model refused them",
               flush=True)
     for i, (prompt, response) in enumerate(zip(benign + lookalike, benign_responses)):
+        if i in left_out:
+            continue
         row = {"kind": "benign", "prompt": prompt, "response": response.strip()}
-        if framed.start <= i < framed.stop:
-            if framed_refused[i - framed.start]:
-                continue  # a refusal would teach the model to refuse a safe question for its framing
+        if i in framed:
             row["framed"] = True
         if i >= len(benign):
             row["lookalike"] = True  # a safe prompt that looks unsafe, kept as the original model answered it
