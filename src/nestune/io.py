@@ -38,6 +38,11 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """One dict per non-empty line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

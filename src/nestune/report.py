@@ -12,7 +12,7 @@ import html
 import io
 from pathlib import Path
 
-from .io import read_json, write_json, write_text
+from .io import read_json, read_jsonl, write_json, write_text
 from .runfolder import RunFolder
 
 
@@ -281,9 +281,12 @@ def robustness_lines(results: dict) -> list[str]:
                     for r in rob["rows"]]
 
 
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + f"</tr>{cells}</table>"
+
+
 def render_html(results: dict, images: list[tuple[str, str | None]], examples: str = "") -> str:
-    md_rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in summary_rows(results))
-    md_head = "".join(f"<th>{html.escape(c)}</th>" for c in SUMMARY_COLUMNS)
     header = render_markdown(results).split("\n| metric")[0]
     bullets = "".join(f"<li>{html.escape(line.lstrip('- ').strip())}</li>"
                       for line in header.splitlines()[1:] if line.strip())
@@ -296,7 +299,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;t
 th{{background:#f3f3f3}}figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#555}}</style></head>
 <body><h1>nestune report: {html.escape(str(results.get('model')))} ({html.escape(str(results.get('method')))})</h1>
 <ul>{bullets}</ul>
-<h2>Before and after</h2><table><tr>{md_head}</tr>{md_rows}</table>
+<h2>Before and after</h2>{_html_table(SUMMARY_COLUMNS, summary_rows(results))}
 <p>Rates are shown with 95% bootstrap intervals and the number of items. The change is after minus before on
 the same items, in percentage points, with a paired bootstrap interval (items resampled with both outcomes):
 an interval that holds 0 means this evaluation cannot tell the two models apart on that measure. Attack
@@ -312,18 +315,14 @@ def robustness_html(results: dict) -> str:
     if not rob:
         return ""
     sides = rob.get("sides") or ["base", "hardened"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("attack", *sides))
     cells = [[r["attack"], *(_fmt(r.get(s)) for s in sides)] for r in rob["rows"]]
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
     return (f"<h2>White-box attacks</h2><p>ASR on {rob.get('n_behaviours')} plain harmful held-out behaviours, "
             f"judge {html.escape(str(rob.get('judge')))} (<code>nestune attack</code>).</p>"
-            f"<table><tr>{head}</tr>{rows}</table>\n")
+            f"{_html_table(['attack', *sides], cells)}\n")
 
 
 def _jsonl(path: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(path) if path.exists() else []
 
 
 def _clip(text: str, n: int) -> str:
@@ -416,9 +415,7 @@ def audit_html(tables: list[dict]) -> str:
         shown = f", the first {len(t['rows'])}" if len(t["rows"]) < t["n"] else ""
         out.append(f"<h2>{html.escape(t['title'])} ({t['n']}{shown})</h2><p>{html.escape(t['note'])}</p>")
         if t["rows"]:
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in t["head"])
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in t["rows"])
-            out.append(f"<table><tr>{head}</tr>{rows}</table>")
+            out.append(_html_table(t["head"], t["rows"]))
     return "\n".join(out) + "\n" if out else ""
 
 

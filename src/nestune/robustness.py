@@ -55,7 +55,7 @@ from torch import nn
 
 from .config import Config
 from .errors import NestuneError
-from .io import read_json, save_tensors, write_json, write_text
+from .io import read_json, read_jsonl, save_tensors, write_json, write_text
 from .models import (
     ARCHITECTURES,
     FFNTarget,
@@ -479,7 +479,7 @@ class AttackContext:
         shared = is_compare_folder(self.run)
         path = (self.run.path / "train-targets" if shared else self.run.path) / "train" / "targets.jsonl"
         if path.exists():
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return read_jsonl(path)
         if base is None:
             raise NestuneError(f"'{path}' does not exist, and the base model's answers are needed",
                                "run `nestune attack` with the base model too (the default), or `nestune train` first")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .errors import NestuneError
-from .io import read_json, save_tensors, write_json, write_text
+from .io import read_json, read_jsonl, save_tensors, write_json, write_text
 from .models import LoadedModel, chat_prompts, input_device, position_ids
 from .runfolder import RunFolder
 
@@ -99,7 +99,7 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
     """Prompts and the responses to train towards, generated once and cached in RUN/train/targets.jsonl."""
     path = run.stage("train") / "targets.jsonl"
     if path.exists():
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(path)
     from . import data
     from .evaluate.generate import HFGenerator
     from .evaluate.judges import RefusalJudge
@@ -126,7 +126,8 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
     print(f"generating the original model's answers to {len(harmful)} harmful and {len(benign) + len(lookalike)} benign "
           f"training prompts ({t.answer_tokens} tokens each)", flush=True)
     responses = generator.generate(harmful + benign + lookalike, None, t.answer_tokens)
-    refused = RefusalJudge().judge(harmful, responses[: len(harmful)])
+    judge = RefusalJudge()
+    refused = judge.judge(harmful, responses[: len(harmful)])
     rng = random.Random(cfg.seed)
     rows = []
     n_prefilled = round(t.prefill_fraction * len(harmful))
@@ -144,7 +145,7 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
     benign_responses = responses[len(harmful):]
     framed = range(len(benign) - n_framed, len(benign))
     # A refusal would teach the model to refuse a safe question for its framing: such prompts are left out.
-    left_out = {i for i in framed if RefusalJudge().refused(benign_responses[i])}
+    left_out = {i for i in framed if judge.refused(benign_responses[i])}
     if left_out:
         print(f"left out {len(left_out)} of {n_framed} framed benign prompts: the original model refused them",
               flush=True)
