@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import NestuneError
-from .io import read_json, write_json
+from .io import read_json, rounded, write_json
 from .models import LoadedModel, load_model
 from .runfolder import RunFolder
 
@@ -56,9 +56,9 @@ def model_card(cfg: Config, run: RunFolder, adapter_config: dict) -> str:
         f"| base model | `{cfg.model}` (weights hash `{adapter_config.get('base_weights_hash')}`) |",
         f"| safety neurons updated | {train.get('n_neurons', '?')} in {train.get('n_clusters', '?')} clusters |",
         f"| trainable parameters | {adapter_config.get('trainable_parameters', '?'):,} |",
-        f"| detection | z > {cfg.detect.z_threshold}, mean probe AUC {detect.get('mean_auc', '?')} |",
+        f"| detection | z > {cfg.detect.z_threshold}, mean probe AUC {rounded(detect.get('mean_auc', '?'))} |",
         f"| training | {train.get('steps', '?')} steps, {train.get('n_harmful', '?')} harmful + "
-        f"{train.get('n_benign', '?')} benign prompts, final loss {train.get('final_loss', '?')} |",
+        f"{train.get('n_benign', '?')} benign prompts, final loss {rounded(train.get('final_loss', '?'))} |",
         f"| share of the trained update folded in | {cfg.fold.scale:g} (fold.scale) |",
         "",
         "Evaluation results, when the run evaluated the model, are in the run folder's `results.json` and "

@@ -73,3 +73,8 @@ def console():
     from rich.console import Console
 
     return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def rounded(x, digits: int = 3):
+    """A float rounded for people to read (reports, model cards); anything else unchanged."""
+    return round(x, digits) if isinstance(x, float) else x
