@@ -192,3 +192,16 @@ def test_shared_targets_are_not_reused_under_other_training_sizes(tmp_path, monk
     assert "train-targets" in str(err.value) and "train.n_harmful" in str(err.value)
     assert not (out.path / "methods" / "full").exists()
     assert (out.path / "config.json").read_text() == before
+
+
+def test_check_rows_hold_each_method_to_the_shipping_targets():
+    base = {"method": "base", "asr_mean": {"rate": 0.5, "ci": [0.4, 0.6], "n": 24}}
+    change = {"asr_mean": {"change": -0.48, "ci": [-0.5, -0.46], "n": 24},  # cut 96% [92, 100]
+              "overrefusal": {"change": 0.05, "ci": [-0.05, 0.15], "n": 40}}
+    result = {"base": base, "methods": {"nest": {"method": "nest", "change": change},
+                                        "old": {"method": "old", "change": None}}}  # no per-item outcomes
+    header, body = compare.check_rows(result)
+    assert header == ["method", "attack success cut (mean over attacks)", "over-refusal rise"]
+    assert body == [["nest", "96% [92, 100]: met", "+5.0 [-5.0, +15.0]: met?"]]
+    assert "## Checks before shipping" in compare.render_markdown(
+        {**result, "model": "m", "judge": "j", "budget": {}, "same_examples_seen": True, "notes": []})
