@@ -309,12 +309,12 @@ def test_circuit_breakers_first_loss_is_pure_rerouting(tmp_path):
 # NeST, per-neuron and random neurons (train.run_train + tuner)
 
 
-def nest_like(tmp_path, method):
+def nest_like(tmp_path, method, **train):
     loaded = loaded_tiny()
     base = state_of(loaded.model)
     run = make_run(tmp_path)
     clusters = write_clusters(run, loaded.model)
-    cfg = make_cfg(method, max_steps=3)
+    cfg = make_cfg(method, max_steps=3, **train)
     summary = run_train(cfg, run, loaded)
     out = run_fold(cfg, run, loaded)
     folded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -335,6 +335,23 @@ def test_nest_trainable_count_is_clusters_times_d_model(tmp_path):
     assert summary["trainable_params"] == sum(e["k"] * d_model for e in clusters.values()) == 4 * 2 * 32  # 4 targets x k=2 x d_model
     for t in ffn_targets(loaded.model):
         assert changed_rows(base, folded, t) == sorted(clusters[t.name]["rows"])
+
+
+def test_output_side_nest_trains_and_folds_into_the_neurons_output_columns_only(tmp_path):
+    loaded, base, run, clusters, summary, folded = nest_like(tmp_path, "nest", update_side="output")
+    assert summary["trainable_params"] == 4 * 2 * 32  # the same vectors as on the input side
+    state = folded.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], state[k])}
+    assert changed == {f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)}
+    for i in range(2):
+        key = f"model.layers.{i}.mlp.down_proj.weight"
+        columns = (base[key] != state[key]).any(dim=0).nonzero().flatten().tolist()
+        assert columns == sorted(set(clusters[f"layers.{i}.gate"]["rows"]) | set(clusters[f"layers.{i}.up"]["rows"]))
+    adapter, config = NeSTAdapter.load(run.path / "train" / "adapter")
+    assert {s.side for s in adapter.specs} == {"output"}
+    assert summary["update_side"] == "output"
+    card = (run.path / "fold" / "model" / "README.md").read_text()
+    assert "columns of the feed-forward output projections" in card and "input projections" not in card
 
 
 def test_neurons_change_only_selected_rows_each_independently(tmp_path):

@@ -4,19 +4,19 @@ import pytest
 import torch
 
 from nestune.errors import NestuneError
-from nestune.models import ffn_targets, get_module, neuron_weight
+from nestune.models import ARCHITECTURES, FFN_OUTPUTS, ffn_output, ffn_targets, get_module, neuron_weight
 from nestune.testing import TINY_ARCHS, tiny_model
 from nestune.tuner import NeSTAdapter, TargetUpdate, base_identity, check_same_base
 
 
-def make_adapter(model, seed=0, rows_per_target=6, k=2):
+def make_adapter(model, seed=0, rows_per_target=6, k=2, side="input"):
     """Pick a few rows in every target and put them into k clusters, with random non-zero deltas."""
     g = torch.Generator().manual_seed(seed)
     specs = []
     for t in ffn_targets(model):
         rows = torch.randperm(t.n_neurons, generator=g)[:rows_per_target].tolist()
         clusters = [i % k for i in range(len(rows))]
-        specs.append(TargetUpdate.from_target(t, rows, clusters))
+        specs.append(TargetUpdate.from_target(t, rows, clusters, ffn_output(model, t) if side == "output" else None))
     adapter = NeSTAdapter(specs)
     with torch.no_grad():
         for p in adapter.parameters():
@@ -111,6 +111,77 @@ def test_gradients_only_reach_deltas():
     out.backward()
     assert all(p.grad is not None for p in adapter.parameters())
     assert all(p.grad is None for p in model.parameters() if p not in set(adapter.parameters()))
+
+
+def test_every_architecture_names_its_ffn_output_projection():
+    assert set(FFN_OUTPUTS) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_output_side_fold_matches_adapter_and_changes_only_the_neurons_output_columns(arch):
+    model = tiny_model(arch)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = batch()
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    adapter = make_adapter(model, side="output").attach(model)
+    assert adapter.num_trainable() == make_adapter(tiny_model(arch)).num_trainable()  # same vectors, other side
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        assert (adapted - base_logits).abs().max() > 1e-3, "the adapter must change the output"
+        with adapter.disabled():
+            assert torch.equal(model(**inputs).logits, base_logits)
+    adapter.fold(model)
+    with torch.no_grad():
+        assert (model(**inputs).logits - adapted).abs().max() < 1e-4
+
+    # Only the output projections' weights change, and in them only the selected neurons' columns (gate and up
+    # rows of one neuron share its column); the input projections are bit-identical.
+    touched = {}
+    for spec in adapter.specs:
+        assert spec.side == "output" and spec.output_path.endswith(FFN_OUTPUTS[arch])
+        touched.setdefault(spec.output_path + ".weight", (set(), spec.output_transposed))[0].update(spec.rows)
+    state = model.state_dict()
+    for key, before in base.items():
+        after = state[key]
+        if key not in touched:
+            assert torch.equal(before, after), key
+            continue
+        rows, transposed = touched[key]
+        if not transposed:  # a Linear (d_model, d_ff): one column per neuron
+            before, after = before.t(), after.t()
+        mask = torch.zeros(before.shape[0], dtype=torch.bool)
+        mask[sorted(rows)] = True
+        assert torch.equal(before[~mask], after[~mask]), key
+        assert not torch.equal(before[mask], after[mask]), key
+
+
+def test_output_side_adapter_saves_and_loads_its_side_and_old_adapters_load_as_input_side(tmp_path):
+    import json
+
+    model = tiny_model("gpt2")  # Conv1D output projection
+    inputs = batch(1)
+    adapter = make_adapter(model, side="output").attach(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    adapter.detach()
+    adapter.save(tmp_path / "out", base_identity(model, "tiny-gpt2"))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted({f"transformer.h.{i}.mlp.c_proj" for i in range(2)})
+    loaded, _ = NeSTAdapter.load(tmp_path / "out")
+    fresh = tiny_model("gpt2")
+    loaded.fold(fresh)
+    with torch.no_grad():
+        assert torch.allclose(fresh(**inputs).logits, expected, atol=1e-5)
+
+    make_adapter(model).save(tmp_path / "old", base_identity(model, "tiny-gpt2"))
+    path = tmp_path / "old" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for t in config["targets"]:  # as written before update_side existed
+        for key in ("side", "output_path", "output_transposed"):
+            del t[key]
+    path.write_text(json.dumps(config))
+    assert {s.side for s in NeSTAdapter.load(tmp_path / "old")[0].specs} == {"input"}
 
 
 def test_save_load_apply_reproduces_logits(tmp_path):

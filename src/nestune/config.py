@@ -84,6 +84,10 @@ class TrainConfig:
     # harmful examples that open affirmatively, then refuse (train.py). 0.5, measured: qwen over-refusal 45% -> 27.5%
     # at the same ASR, but smollm2-135m seeds 0-1 ASR 8.3/4.2% -> 12.5/22.5% (docs/experiments.md)
     prefill_fraction: float = 0.25
+    # input (the paper's): each cluster's vector is added to the neurons' input-projection rows; output (our
+    # option): to their columns of the FFN output projection, so a neuron's change scales with its own activation
+    # (docs/method.md, docs/experiments.md)
+    update_side: str = "input"
     benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original
     benign_weight: float = 1.0
     answer_tokens: int = 48  # length of the cached original answers and of refusal targets
@@ -225,6 +229,7 @@ CHOICES = {
     "train.method": ("nest", "full", "lora", "circuit-breakers", "neurons", "random"),
     "train.benign_loss": ("answer", "kl"),
     "train.lr_schedule": ("constant", "linear", "cosine"),
+    "train.update_side": ("input", "output"),
 }
 AT_LEAST_ONE = ("detect.batch_size", "detect.max_length", "detect.probe_epochs", "cluster.k_max", "cluster.n_init",
                 "train.batch_size", "train.grad_accum", "train.answer_tokens", "train.max_length",

@@ -40,6 +40,7 @@ def save_checkpoint_folder(loaded: LoadedModel, out: Path, card: str, state_dict
 def model_card(cfg: Config, run: RunFolder, adapter_config: dict) -> str:
     detect = read_json(run.path / "detect" / "DONE.json") if run.done("detect") else {}
     train = read_json(run.path / "train" / "summary.json") if (run.path / "train" / "summary.json").exists() else {}
+    output_side = any(t.get("side") == "output" for t in adapter_config.get("targets") or [])
     lines = [
         "---",
         f"base_model: {cfg.model}",
@@ -48,8 +49,11 @@ def model_card(cfg: Config, run: RunFolder, adapter_config: dict) -> str:
         f"# {Path(cfg.model).name} hardened with nestune ({adapter_config.get('method', 'nest')})",
         "",
         "This checkpoint is the base model with NeST (Neuron Selective Tuning) cluster updates folded into "
-        "the feed-forward input projections. Every weight outside the updated rows is bit-identical to the "
-        "base model. It loads with `AutoModelForCausalLM.from_pretrained` and needs no extra code.",
+        + ("the selected neurons' columns of the feed-forward output projections (`train.update_side=output`). "
+           "Every weight outside those columns" if output_side else
+           "the feed-forward input projections. Every weight outside the updated rows")
+        + " is bit-identical to the base model. It loads with `AutoModelForCausalLM.from_pretrained` and needs no "
+        "extra code.",
         "",
         "| what | value |",
         "|---|---|",

@@ -37,6 +37,13 @@ ARCHITECTURES: dict[str, tuple[str, list[tuple[str, str, int | None]]]] = {
 }
 
 
+# model_type -> path inside a layer of the FFN output projection: input feature i of it is neuron i's activation
+# (after the activation function and, in gated MLPs, the gate), so `train.update_side=output` changes its columns.
+FFN_OUTPUTS: dict[str, str] = {**{t: "mlp.down_proj" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma",
+                                                               "gemma2", "gemma3_text", "phi3")},
+                               "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h"}
+
+
 @dataclass(frozen=True)
 class FFNTarget:
     """One group of neurons: a whole FFN input projection, or one half of a fused one."""
@@ -89,6 +96,12 @@ def ffn_targets(model: nn.Module) -> list[FFNTarget]:
     if not targets:
         raise NestuneError(f"found no FFN projections in '{mtype}' model", "is this a decoder-only LM?")
     return targets
+
+
+def ffn_output(model: nn.Module, target: FFNTarget) -> tuple[str, bool]:
+    """Path of the FFN output projection in the target's layer, and whether it is a Conv1D (weight (d_ff, d_model))."""
+    path = f"{ARCHITECTURES[model_type(model)][0]}.{target.layer}.{FFN_OUTPUTS[model_type(model)]}"
+    return path, type(get_module(model, path)).__name__ == "Conv1D"
 
 
 def neuron_weight(module: nn.Module, target: FFNTarget) -> torch.Tensor:

@@ -86,7 +86,8 @@ def collect_results(run: RunFolder) -> dict:
         "detection": {k: detect.get(k) for k in ("total_selected", "total_neurons", "share", "mean_auc",
                                                  "z_threshold", "sign")} if detect else None,
         "training": {k: train.get(k) for k in ("steps", "wall_s", "peak_memory_bytes", "final_loss",
-                                               "examples_seen", "n_neurons", "n_clusters")} if train else None,
+                                               "examples_seen", "n_neurons", "n_clusters", "update_side")}
+        if train else None,
         "before": _side(before),
         "after": _side(after),
         "change": paired_changes(before, after),
@@ -246,6 +247,9 @@ def render_markdown(results: dict) -> str:
     lines = [f"# nestune report: {results.get('model')} ({results.get('method')})", ""]
     lines += [f"- trainable parameters: {results.get('trainable_params'):,}" if results.get("trainable_params")
               else "- trainable parameters: -"]
+    if (results.get("training") or {}).get("update_side") == "output":
+        lines.append("- update side: output (each cluster's vector changes its neurons' columns of the FFN output "
+                     "projection; train.update_side)")
     if results.get("fold_scale", 1.0) != 1:
         lines.append(f"- share of the trained update folded in: {results['fold_scale']:g} (fold.scale)")
     det = results.get("detection") or {}

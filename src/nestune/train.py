@@ -555,15 +555,15 @@ def _peak_rss() -> int:
 # The stage
 
 
-def adapter_specs(run: RunFolder, method: str, seed: int, model) -> list:
+def adapter_specs(run: RunFolder, method: str, seed: int, model, side: str = "input") -> list:
     """Target rows and cluster ids for the adapter-shaped methods.
 
     nest: the clusters found by `nestune cluster`; neurons: the same rows, one update per neuron;
     random: as many rows per target as detection selected, drawn from the rows it did NOT select, with the
-    same cluster sizes (shows whether detection matters).
+    same cluster sizes (shows whether detection matters). `side`: train.update_side.
     """
     from .cluster import load_clusters
-    from .models import ffn_targets
+    from .models import ffn_output, ffn_targets
     from .tuner import TargetUpdate
 
     targets = {t.name: t for t in ffn_targets(model)}
@@ -579,7 +579,8 @@ def adapter_specs(run: RunFolder, method: str, seed: int, model) -> list:
             rows = sorted(rng.sample(pool, len(rows)))
         elif method != "nest":
             raise ValueError(method)
-        specs.append(TargetUpdate.from_target(targets[name], rows, ids))
+        output = ffn_output(model, targets[name]) if side == "output" else None
+        specs.append(TargetUpdate.from_target(targets[name], rows, ids, output))
     return specs
 
 
@@ -638,7 +639,7 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
 
     for p in model.parameters():
         p.requires_grad_(False)
-    adapter = NeSTAdapter(adapter_specs(run, method, cfg.seed, model)).attach(model)
+    adapter = NeSTAdapter(adapter_specs(run, method, cfg.seed, model, cfg.train.update_side)).attach(model)
     params = {name: p for name, p in adapter.named_parameters()}
     scales = adapter.row_scales(model)
     if is_main(accelerator):
@@ -655,7 +656,8 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
     adapter.save(folder / "adapter", base, extra={"method": method})
     effective = sorted(cfg.train.lr * v for v in scales.values())
     summary = {"method": method, "trainable_params": adapter.num_trainable(), "lr": cfg.train.lr,
-               "lr_relative_to": "RMS of the weight rows each delta changes",
+               "update_side": cfg.train.update_side,
+               "lr_relative_to": "RMS of the weight rows (output side: columns) each delta changes",
                "effective_lr": {"min": effective[0], "median": effective[len(effective) // 2], "max": effective[-1]},
                "n_neurons": sum(len(s.rows) for s in adapter.specs),
                "n_clusters": sum(s.k for s in adapter.specs),

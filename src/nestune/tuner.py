@@ -6,6 +6,11 @@ projection adds (x @ delta^T), scattered to the selected output features, to the
 output. Only the deltas are parameters, so no gradient or optimizer state exists for frozen weights.
 
 Folding writes W_m[rows] += delta[clusters] into the weights; the folded model is an ordinary checkpoint.
+
+`train.update_side=output` (our option; the paper changes the input rows above) puts the same shared vectors on
+the other side of the neurons: column i of the layer's FFN output projection, so the change a neuron makes is its
+own activation times delta[m][c] and stays as selective as the neuron itself. The hook then sits on the output
+projection and adds (activations of the rows, summed per cluster) @ delta.
 The adapter alone is saved PEFT-style: adapter_config.json + adapter_model.safetensors (no pickle).
 """
 
@@ -38,20 +43,30 @@ class TargetUpdate:
     d_model: int
     rows: tuple[int, ...]
     clusters: tuple[int, ...]  # cluster id per row, 0..k-1
+    side: str = "input"  # input: the rows of module_path; output: the columns of output_path
+    output_path: str = ""  # the layer's FFN output projection (side "output")
+    output_transposed: bool = False  # a Conv1D output projection: weight (d_ff, d_model)
+
+    @property
+    def hooked_path(self) -> str:
+        """The module whose weights the update changes and whose forward it hooks."""
+        return self.output_path if self.side == "output" else self.module_path
 
     @property
     def k(self) -> int:
         return max(self.clusters) + 1 if self.clusters else 0
 
     @classmethod
-    def from_target(cls, target: FFNTarget, rows, clusters) -> TargetUpdate:
+    def from_target(cls, target: FFNTarget, rows, clusters, output: tuple[str, bool] | None = None) -> TargetUpdate:
+        """`output`: (path, transposed) of the layer's FFN output projection (models.ffn_output) for side "output"."""
         rows, clusters = tuple(int(r) for r in rows), tuple(int(c) for c in clusters)
         if len(rows) != len(clusters):
             raise ValueError(f"{target.name}: {len(rows)} rows but {len(clusters)} cluster ids")
         if sorted(set(clusters)) != list(range(max(clusters) + 1 if clusters else 0)):
             raise ValueError(f"{target.name}: cluster ids must be 0..k-1 with none missing")
+        side = {"side": "output", "output_path": output[0], "output_transposed": output[1]} if output else {}
         return cls(target.name, target.module_path, target.offset, target.transposed, target.d_model, rows,
-                   clusters)
+                   clusters, **side)
 
 
 class ClusterUpdate(nn.Module):
@@ -61,8 +76,10 @@ class ClusterUpdate(nn.Module):
         super().__init__()
         self.spec = spec
         self.delta = nn.Parameter(torch.zeros(spec.k, spec.d_model))
-        # Output features touched (offset places the rows inside a fused gate_up projection).
-        self.register_buffer("columns", torch.tensor(spec.rows, dtype=torch.long) + spec.offset, persistent=False)
+        # Input side: the output features touched (offset places the rows inside a fused gate_up projection).
+        # Output side: the input features of the output projection that hold the rows' activations.
+        offset = spec.offset if spec.side == "input" else 0
+        self.register_buffer("columns", torch.tensor(spec.rows, dtype=torch.long) + offset, persistent=False)
         self.register_buffer("cluster_of_row", torch.tensor(spec.clusters, dtype=torch.long), persistent=False)
         self.enabled = True
 
@@ -70,12 +87,17 @@ class ClusterUpdate(nn.Module):
         if not self.enabled:
             return output
         x = args[0]
+        if self.spec.side == "output":
+            act = x.index_select(-1, self.columns.to(x.device))  # (..., n_rows): the neurons' activations
+            per_cluster = act.new_zeros(*act.shape[:-1], self.spec.k).index_add(
+                -1, self.cluster_of_row.to(act.device), act)  # shared vector: sum the activations first
+            return output + (per_cluster @ self.delta.to(x.dtype)).to(output.dtype)
         extra = x @ self.delta.to(x.dtype).t()  # (..., k): one dot product per cluster, not per neuron
         extra = extra.index_select(-1, self.cluster_of_row.to(extra.device))  # (..., n_rows)
         return output.index_add(-1, self.columns.to(output.device), extra.to(output.dtype))
 
     def weight_delta(self) -> torch.Tensor:
-        """The (n_rows, d_model) change this update makes to its rows (for folding and audits)."""
+        """The (n_rows, d_model) change this update makes to its rows, or output columns (folding, audits)."""
         return self.delta[self.cluster_of_row]
 
 
@@ -97,7 +119,7 @@ class NeSTAdapter(nn.Module):
         """Hook every update into the model, moved to its module's device."""
         self.detach()
         for spec in self.specs:
-            module = get_module(model, spec.module_path)
+            module = get_module(model, spec.hooked_path)
             update = self.updates[_key(spec.name)]
             update.to(module.weight.device)
             self._handles.append(module.register_forward_hook(update.hook))
@@ -129,9 +151,9 @@ class NeSTAdapter(nn.Module):
         """
         scales = {}
         for spec in self.specs:
-            w = get_module(model, spec.module_path).weight
+            w = get_module(model, spec.hooked_path).weight
             cols = self.updates[_key(spec.name)].columns.to(w.device)
-            rows = w[:, cols] if spec.transposed else w[cols]
+            rows = w[:, cols] if _neurons_are_columns(spec) else w[cols]
             scales[f"updates.{_key(spec.name)}.delta"] = float(rows.float().pow(2).mean().sqrt())
         return scales
 
@@ -144,15 +166,16 @@ class NeSTAdapter(nn.Module):
 
     @torch.no_grad()
     def fold(self, model: nn.Module) -> None:
-        """W[rows] += delta[cluster_of_row], in fp32, then removes the hooks. Other weights are untouched."""
+        """W[rows] += delta[cluster_of_row] (output side: the output projection's columns), in fp32, then removes
+        the hooks. Other weights are untouched."""
         self.detach()
         for spec in self.specs:
-            module = get_module(model, spec.module_path)
+            module = get_module(model, spec.hooked_path)
             update = self.updates[_key(spec.name)]
             w = module.weight
             change = update.weight_delta().to(w.device, torch.float32)
             cols = update.columns.to(w.device)
-            if spec.transposed:  # Conv1D: weight (d_model, d_out); neurons are columns
+            if _neurons_are_columns(spec):
                 w[:, cols] = (w[:, cols].float() + change.t()).to(w.dtype)
             else:
                 w[cols] = (w[cols].float() + change).to(w.dtype)
@@ -176,7 +199,7 @@ class NeSTAdapter(nn.Module):
             "base_model_type": base.get("model_type"),
             "base_weights_hash": base.get("weights_hash"),
             "revision": base.get("revision"),
-            "target_modules": sorted({s.module_path for s in self.specs}),
+            "target_modules": sorted({s.hooked_path for s in self.specs}),
             "targets": [{k: v for k, v in asdict(s).items() if k not in ("rows", "clusters")} | {"k": s.k,
                         "n_rows": len(s.rows)} for s in self.specs],
             "rows_and_clusters": "adapter_model.safetensors: <target>.rows and <target>.clusters",
@@ -215,7 +238,10 @@ class NeSTAdapter(nn.Module):
                 key = _key(t["name"])
                 specs.append(TargetUpdate(t["name"], t["module_path"], t["offset"], t["transposed"], t["d_model"],
                                           tuple(tensors[f"{key}.rows"].tolist()),
-                                          tuple(tensors[f"{key}.clusters"].tolist())))
+                                          tuple(tensors[f"{key}.clusters"].tolist()),
+                                          # adapters saved before update_side existed change input rows
+                                          t.get("side", "input"), t.get("output_path", ""),
+                                          t.get("output_transposed", False)))
             adapter = cls(specs)
             with torch.no_grad():
                 for spec in specs:
@@ -240,6 +266,12 @@ def check_same_base(config: dict, model: nn.Module) -> None:
             f"(weights {config['base_weights_hash']}), but the model given has weights {found}",
             "apply it to the base model it was trained on",
         )
+
+
+def _neurons_are_columns(spec: TargetUpdate) -> bool:
+    """Whether the weight the update changes holds one neuron per column: an input projection stored as a Conv1D
+    (d_model, d_ff), or an output projection stored as a Linear (d_model, d_ff)."""
+    return spec.transposed if spec.side == "input" else not spec.output_transposed
 
 
 def _key(name: str) -> str:
