@@ -6,7 +6,7 @@ import torch
 from nestune.errors import NestuneError
 from nestune.models import ARCHITECTURES, FFN_OUTPUTS, ffn_output, ffn_targets, get_module, neuron_weight
 from nestune.testing import TINY_ARCHS, tiny_model
-from nestune.tuner import NeSTAdapter, TargetUpdate, base_identity, check_same_base
+from nestune.tuner import NeSTAdapter, TargetUpdate, _neurons_are_columns, base_identity, check_same_base
 
 
 def make_adapter(model, seed=0, rows_per_target=6, k=2, side="input"):
@@ -32,14 +32,16 @@ def batch(seed=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
+@pytest.mark.parametrize("side", ["input", "output"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_fold_matches_adapter_and_leaves_other_weights_bit_identical(arch):
+def test_fold_matches_adapter_and_leaves_other_weights_bit_identical(arch, side):
     model = tiny_model(arch)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = batch()
     with torch.no_grad():
         base_logits = model(**inputs).logits
-    adapter = make_adapter(model).attach(model)
+    adapter = make_adapter(model, side=side).attach(model)
+    assert adapter.num_trainable() == make_adapter(tiny_model(arch)).num_trainable()  # the same vectors either side
     with torch.no_grad():
         adapted = model(**inputs).logits
         assert (adapted - base_logits).abs().max() > 1e-3, "the adapter must change the output"
@@ -50,22 +52,24 @@ def test_fold_matches_adapter_and_leaves_other_weights_bit_identical(arch):
         folded = model(**inputs).logits
     assert (folded - adapted).abs().max() < 1e-4
 
-    # Every tensor outside the selected rows is bit-identical; the selected rows changed.
+    # Every tensor outside the selected neurons' rows (input side) or output-projection columns (output side; the
+    # gate and up rows of one neuron share its column) is bit-identical; those rows or columns changed.
     state = model.state_dict()
-    touched = {}  # weight key -> specs (a fused projection holds two)
+    touched = {}  # weight key -> (neuron indices along its neuron axis, whether neurons are its columns)
     for spec in adapter.specs:
-        touched.setdefault(spec.module_path + ".weight", []).append(spec)
+        assert spec.side == side and (side == "input" or spec.output_path.endswith(FFN_OUTPUTS[arch]))
+        neurons = [r + (spec.offset if side == "input" else 0) for r in spec.rows]
+        touched.setdefault(spec.hooked_path + ".weight", (set(), _neurons_are_columns(spec)))[0].update(neurons)
     for key, before in base.items():
         after = state[key]
         if key not in touched:
             assert torch.equal(before, after), key
             continue
-        spec = touched[key][0]
-        mask = torch.zeros(after.shape[1] if spec.transposed else after.shape[0], dtype=torch.bool)
-        for s in touched[key]:
-            mask[torch.tensor(s.rows) + s.offset] = True
-        if spec.transposed:
+        neurons, columns = touched[key]
+        if columns:
             before, after = before.t(), after.t()
+        mask = torch.zeros(before.shape[0], dtype=torch.bool)
+        mask[sorted(neurons)] = True
         assert torch.equal(before[~mask], after[~mask]), key
         assert not torch.equal(before[mask], after[mask]), key
 
@@ -115,45 +119,6 @@ def test_gradients_only_reach_deltas():
 
 def test_every_architecture_names_its_ffn_output_projection():
     assert set(FFN_OUTPUTS) == set(ARCHITECTURES)
-
-
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_output_side_fold_matches_adapter_and_changes_only_the_neurons_output_columns(arch):
-    model = tiny_model(arch)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    inputs = batch()
-    with torch.no_grad():
-        base_logits = model(**inputs).logits
-    adapter = make_adapter(model, side="output").attach(model)
-    assert adapter.num_trainable() == make_adapter(tiny_model(arch)).num_trainable()  # same vectors, other side
-    with torch.no_grad():
-        adapted = model(**inputs).logits
-        assert (adapted - base_logits).abs().max() > 1e-3, "the adapter must change the output"
-        with adapter.disabled():
-            assert torch.equal(model(**inputs).logits, base_logits)
-    adapter.fold(model)
-    with torch.no_grad():
-        assert (model(**inputs).logits - adapted).abs().max() < 1e-4
-
-    # Only the output projections' weights change, and in them only the selected neurons' columns (gate and up
-    # rows of one neuron share its column); the input projections are bit-identical.
-    touched = {}
-    for spec in adapter.specs:
-        assert spec.side == "output" and spec.output_path.endswith(FFN_OUTPUTS[arch])
-        touched.setdefault(spec.output_path + ".weight", (set(), spec.output_transposed))[0].update(spec.rows)
-    state = model.state_dict()
-    for key, before in base.items():
-        after = state[key]
-        if key not in touched:
-            assert torch.equal(before, after), key
-            continue
-        rows, transposed = touched[key]
-        if not transposed:  # a Linear (d_model, d_ff): one column per neuron
-            before, after = before.t(), after.t()
-        mask = torch.zeros(before.shape[0], dtype=torch.bool)
-        mask[sorted(rows)] = True
-        assert torch.equal(before[~mask], after[~mask]), key
-        assert not torch.equal(before[mask], after[mask]), key
 
 
 def test_output_side_adapter_saves_and_loads_its_side_and_old_adapters_load_as_input_side(tmp_path):
