@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from nestune.report import _examples_html, example_pairs
 from nestune.runfolder import RunFolder
 
@@ -27,7 +29,7 @@ def test_benign_kl_is_recorded_when_eval_after_ends_and_outlives_the_logprob_fil
     from nestune.config import Config
     from nestune.evaluate import run as evaluate_run
     from nestune.evaluate.utility import kl
-    from nestune.report import benign_kl
+    from nestune.report import benign_kl, benign_shift
 
     base = torch.log_softmax(torch.randn(4, 11), dim=-1)
     after = torch.log_softmax(torch.randn(4, 11), dim=-1)
@@ -42,10 +44,16 @@ def test_benign_kl_is_recorded_when_eval_after_ends_and_outlives_the_logprob_fil
     pipeline.evaluate_stage(Config(), run, "eval-after", loaded=None)
     expected = round(float(kl(base, after)), 6)
     assert expected > 0
-    assert json.loads((run.path / "eval-after" / "DONE.json").read_text())["benign_kl"] == expected
+    done = json.loads((run.path / "eval-after" / "DONE.json").read_text())
+    assert done["benign_kl"] == expected
+    same = (base.argmax(-1) == after.argmax(-1)).double().mean().item()
+    entropy = -(after.exp() * after).sum(-1).mean().item()
+    assert done["benign_shift"]["top1_same"] == pytest.approx(same, abs=1e-4)
+    assert done["benign_shift"]["entropy_hardened"] == pytest.approx(entropy, abs=1e-4)
     for stage in ("eval-before", "eval-after"):
         (run.path / stage / "next_token_logprobs.safetensors").unlink()
     assert benign_kl(run) == expected  # from DONE.json now
+    assert benign_shift(run) == done["benign_shift"]
 
 
 def test_benign_kl_is_not_reported_across_different_prompts(tmp_path, capsys):
@@ -225,3 +233,15 @@ def test_report_and_results_carry_the_checks(tmp_path):
     text = (run.path / "report.md").read_text()
     assert "| over-refusal rise | at most +5 points | +45.0 [" in text and "fold.scale=0.5" in text
     assert "<h2>Checks before shipping</h2>" in (run.path / "report.html").read_text()
+
+
+def test_summary_shows_how_much_of_the_benign_kl_is_sharpening():
+    from nestune.report import summary_rows
+
+    results = {"benign_kl": 2.5, "benign_shift": {"kl": 2.5, "top1_same": 0.875, "entropy_base": 3.34,
+                                                  "entropy_hardened": 0.47}}
+    rows = {r[0]: r[1:] for r in summary_rows(results)}
+    assert rows["benign prompts whose likeliest next token is the base's"] == ("100%", "87.5%", "-")
+    assert rows["benign next-token entropy (nats; lower: more confident)"] == ("3.34", "0.47", "-")
+    assert "benign prompts whose likeliest next token is the base's" not in {
+        r[0] for r in summary_rows({"benign_kl": 0.5, "benign_shift": {"kl": 0.5}})}  # recorded before the shift

@@ -14,7 +14,7 @@ from .config import Config
 from .errors import NestuneError
 from .io import read_json, write_json
 from .models import LoadedModel, load_model
-from .report import benign_kl, build_report, print_metrics, print_summary
+from .report import benign_shift, build_report, print_metrics, print_summary
 from .runfolder import SELECTION_METHODS, RunFolder
 
 EVALUATED_MODEL = "evaluated_model.json"  # in RUN/eval: which model (and adapter, dtype) its answers are from
@@ -34,7 +34,8 @@ def evaluate_stage(cfg: Config, run: RunFolder, stage: str, loaded: LoadedModel)
     if stage == "eval-after":
         # Kept beside the 20 MB logprob files it comes from, so that it survives their deletion; a mismatch
         # is reported once, by the report or comparison row that every evaluation after is followed by
-        info["benign_kl"] = benign_kl(run, warn=False)
+        shift = benign_shift(run, warn=False)
+        info["benign_kl"], info["benign_shift"] = (shift or {}).get("kl"), shift
     run.mark_done(stage, info)
     return metrics
 

@@ -20,15 +20,19 @@ def _maybe(path: Path):
     return read_json(path) if path.exists() else None
 
 
-def benign_kl(run: RunFolder, warn: bool = True) -> float | None:
-    """Mean KL(base || hardened) of next-token distributions on benign prompts, from the two eval stages;
-    the value recorded in eval-after/DONE.json when their logprob files have been deleted. `warn`: say why
-    when there is none (the evaluation stage leaves that to the report or comparison row read next)."""
+def benign_shift(run: RunFolder, warn: bool = True) -> dict | None:
+    """How far the hardened model's next-token distributions on benign prompts moved from the base's: mean
+    KL(base || hardened), the share of prompts whose most likely next token is still the base's, and the mean
+    entropies in nats (training towards greedy answers sharpens the distributions, which raises the KL while the
+    likeliest tokens stay). From the two eval stages' logprob files; what eval-after/DONE.json recorded once those
+    are deleted. `warn`: say why when there is none (the evaluation stage leaves that to the report or comparison
+    row read next)."""
     a = run.path / "eval-before" / "next_token_logprobs.safetensors"
     b = run.path / "eval-after" / "next_token_logprobs.safetensors"
     if not (a.exists() and b.exists()):
         done = _maybe(run.path / "eval-after" / "DONE.json") or {}
-        return done.get("benign_kl")
+        kl_only = {"kl": done["benign_kl"]} if done.get("benign_kl") is not None else None  # before benign_shift
+        return done.get("benign_shift") or kl_only
     from safetensors import safe_open
 
     from .evaluate.utility import kl
@@ -44,7 +48,22 @@ def benign_kl(run: RunFolder, warn: bool = True) -> float | None:
                   f"detect.benign or eval.n_kl changed between them?); no benign KL reported. Delete "
                   f"{a.parent} to evaluate the base model again on the current prompts", flush=True)
         return None
-    return round(float(kl(*logprobs)), 6)
+    base, hardened = logprobs
+    same = (base.argmax(-1) == hardened.argmax(-1)).double().mean()
+    return {"kl": round(float(kl(base, hardened)), 6), "top1_same": round(float(same), 4),
+            "entropy_base": _entropy(base), "entropy_hardened": _entropy(hardened)}
+
+
+def _entropy(logprobs) -> float:
+    import torch
+
+    p = logprobs.double().exp()
+    return round(float(-torch.where(p > 0, p * logprobs.double(), torch.zeros_like(p)).sum(-1).mean()), 4)
+
+
+def benign_kl(run: RunFolder, warn: bool = True) -> float | None:
+    """Mean KL(base || hardened) of next-token distributions on benign prompts (see `benign_shift`)."""
+    return (benign_shift(run, warn) or {}).get("kl")
 
 
 def _side(metrics: dict | None) -> dict | None:
@@ -91,9 +110,10 @@ def collect_results(run: RunFolder) -> dict:
         "before": _side(before),
         "after": _side(after),
         "change": paired_changes(before, after),
-        "benign_kl": benign_kl(run),
+        "benign_shift": benign_shift(run),
         "timings_s": _maybe(run.path / "timings.json"),
     }
+    results["benign_kl"] = (results["benign_shift"] or {}).get("kl")
     results["checks"] = ship_checks(results)
     from .robustness import robustness_summary
 
@@ -240,6 +260,12 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
         rows.append(row("GSM8K exact match", "gsm8k"))
     if results.get("benign_kl") is not None:
         rows.append(("benign next-token KL (base || hardened)", "0", f"{results['benign_kl']:.4f}", "-"))
+    shift = results.get("benign_shift") or {}
+    if shift.get("top1_same") is not None:
+        rows.append(("benign prompts whose likeliest next token is the base's", "100%",
+                     f"{100 * shift['top1_same']:.1f}%", "-"))
+        rows.append(("benign next-token entropy (nats; lower: more confident)", f"{shift['entropy_base']:.2f}",
+                     f"{shift['entropy_hardened']:.2f}", "-"))
     return rows
 
 
