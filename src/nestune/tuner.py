@@ -11,6 +11,7 @@ Folding writes W_m[rows] += delta[clusters] into the weights; the folded model i
 the other side of the neurons: column i of the layer's FFN output projection, so the change a neuron makes is its
 own activation times delta[m][c] and stays as selective as the neuron itself. The hook then sits on the output
 projection and adds (activations of the rows, summed per cluster) @ delta.
+
 The adapter alone is saved PEFT-style: adapter_config.json + adapter_model.safetensors (no pickle).
 """
 
