@@ -321,7 +321,7 @@ def check_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     def cell(c: dict | None) -> str:
         if c is None:
             return "-"
-        return f"{c['measured'].split(' (n=')[0]}: {'met' if c['met'] else 'missed'}{'' if c['resolved'] else '?'}"
+        return f"{c['measured']}: {'met' if c['met'] else 'missed'}{'' if c['resolved'] else '?'}"
 
     return ["method", *names], [[method, *(cell(next((c for c in cs if c["check"] == n), None)) for n in names)]
                                 for method, cs in checks.items()]
