@@ -202,6 +202,6 @@ def test_check_rows_hold_each_method_to_the_shipping_targets():
                                         "old": {"method": "old", "change": None}}}  # no per-item outcomes
     header, body = compare.check_rows(result)
     assert header == ["method", "attack success cut (mean over attacks)", "over-refusal rise"]
-    assert body == [["nest", "96% [92, 100]: met", "+5.0 [-5.0, +15.0]: met?"]]
+    assert body == [["nest", "96.0% [92.0, 100.0]: met", "+5.0 [-5.0, +15.0]: met?"]]
     assert "## Checks before shipping" in compare.render_markdown(
         {**result, "model": "m", "judge": "j", "budget": {}, "same_examples_seen": True, "notes": []})

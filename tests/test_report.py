@@ -207,7 +207,7 @@ def test_ship_checks_hold_each_change_to_its_target_and_say_when_the_interval_ca
                                       "mmlu": {"change": -0.05, "ci": [-0.1, -0.02], "n": 60}}}}
     checks = {c["check"]: c for c in ship_checks(results)}
     asr = checks["attack success cut (mean over attacks)"]
-    assert asr["verdict"] == "met" and (asr["measured"], asr["n"]) == ("95% [92, 100]", 24)
+    assert asr["verdict"] == "met" and (asr["measured"], asr["n"]) == ("95.0% [91.7, 100.0]", 24)
     assert checks["over-refusal rise"]["verdict"] == "missed"
     assert checks["utility arc-easy change"]["verdict"] == "met (not resolved: the interval spans the target)"
     assert checks["utility mmlu change"]["verdict"] == "missed"
