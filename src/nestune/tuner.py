@@ -44,9 +44,13 @@ class TargetUpdate:
     d_model: int
     rows: tuple[int, ...]
     clusters: tuple[int, ...]  # cluster id per row, 0..k-1
-    side: str = "input"  # input: the rows of module_path; output: the columns of output_path
-    output_path: str = ""  # the layer's FFN output projection (side "output")
+    output_path: str = ""  # set for side "output": the layer's FFN output projection, whose columns change
     output_transposed: bool = False  # a Conv1D output projection: weight (d_ff, d_model)
+
+    @property
+    def side(self) -> str:
+        """input: the update changes the rows of module_path; output: the columns of output_path."""
+        return "output" if self.output_path else "input"
 
     @property
     def hooked_path(self) -> str:
@@ -65,9 +69,8 @@ class TargetUpdate:
             raise ValueError(f"{target.name}: {len(rows)} rows but {len(clusters)} cluster ids")
         if sorted(set(clusters)) != list(range(max(clusters) + 1 if clusters else 0)):
             raise ValueError(f"{target.name}: cluster ids must be 0..k-1 with none missing")
-        side = {"side": "output", "output_path": output[0], "output_transposed": output[1]} if output else {}
         return cls(target.name, target.module_path, target.offset, target.transposed, target.d_model, rows,
-                   clusters, **side)
+                   clusters, *(output or ()))
 
 
 class ClusterUpdate(nn.Module):
@@ -201,8 +204,8 @@ class NeSTAdapter(nn.Module):
             "base_weights_hash": base.get("weights_hash"),
             "revision": base.get("revision"),
             "target_modules": sorted({s.hooked_path for s in self.specs}),
-            "targets": [{k: v for k, v in asdict(s).items() if k not in ("rows", "clusters")} | {"k": s.k,
-                        "n_rows": len(s.rows)} for s in self.specs],
+            "targets": [{k: v for k, v in asdict(s).items() if k not in ("rows", "clusters")} | {"side": s.side,
+                        "k": s.k, "n_rows": len(s.rows)} for s in self.specs],
             "rows_and_clusters": "adapter_model.safetensors: <target>.rows and <target>.clusters",
             "d_model": self.specs[0].d_model,
             "dtype": "float32",
@@ -241,8 +244,7 @@ class NeSTAdapter(nn.Module):
                                           tuple(tensors[f"{key}.rows"].tolist()),
                                           tuple(tensors[f"{key}.clusters"].tolist()),
                                           # adapters saved before update_side existed change input rows
-                                          t.get("side", "input"), t.get("output_path", ""),
-                                          t.get("output_transposed", False)))
+                                          t.get("output_path", ""), t.get("output_transposed", False)))
             adapter = cls(specs)
             with torch.no_grad():
                 for spec in specs:
