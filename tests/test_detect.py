@@ -26,7 +26,7 @@ from nestune.detect import (
 )
 from nestune.errors import NestuneError
 from nestune.io import read_json
-from nestune.models import LoadedModel, ffn_targets, get_module
+from nestune.models import LoadedModel, encode_chat, ffn_targets, get_module
 from nestune.runfolder import RunFolder
 from nestune.testing import tiny_model, tiny_tokenizer
 
@@ -193,17 +193,42 @@ def test_masked_max_ignores_padding():
     assert masked_max(values.bfloat16(), padding_bias(torch.tensor([[1, 1, 1]]), torch.bfloat16)).item() == 5.0
 
 
+@pytest.mark.parametrize("pool", ["max", "last"])
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])
-def test_padding_does_not_change_pooled_values(arch):
+def test_padding_does_not_change_pooled_values(arch, pool):
     model, tok = tiny_model(arch), tiny_tokenizer()
     targets = ffn_targets(model)
     short = "how are you"
     long = "please tell me a very long story about " + "the river and the stone " * 8
-    alone = capture_pooled(model, tok, [short], targets, batch_size=4, max_length=256)
-    batched = capture_pooled(model, tok, [short, long], targets, batch_size=4, max_length=256)
+    alone = capture_pooled(model, tok, [short], targets, batch_size=4, max_length=256, pool=pool)
+    batched = capture_pooled(model, tok, [short, long], targets, batch_size=4, max_length=256, pool=pool)
     for t in targets:
         assert alone[t.name].shape == (1, t.n_neurons)
         torch.testing.assert_close(batched[t.name][0], alone[t.name][0], atol=1e-5, rtol=0)
+
+
+def test_last_pool_is_the_projection_output_at_the_last_prompt_token():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    targets = ffn_targets(model)
+    text = "please tell me about the river"
+    seen = {}
+    handle = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, a, out: seen.update(out=out))
+    with torch.no_grad():
+        model(**encode_chat(tok, [text], 64))
+    handle.remove()
+    last = capture_pooled(model, tok, [text], targets, 1, 64, pool="last")["layers.1.up"][0]
+    largest = capture_pooled(model, tok, [text], targets, 1, 64, pool="max")["layers.1.up"][0]
+    torch.testing.assert_close(last, seen["out"][0, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(largest, seen["out"][0].amax(0), atol=1e-5, rtol=0)
+    assert (largest >= last).all() and (largest > last).any()
+
+
+def test_unknown_pool_is_refused_before_loading(tmp_path):
+    cfg = small_config()
+    cfg.detect.pool = "mean"
+    with pytest.raises(NestuneError, match="detect.pool") as e:
+        run_detect(cfg, RunFolder(tmp_path), loaded=None, harmful=PROMPTS_H, benign=PROMPTS_B)
+    assert "max, last" in e.value.fix
 
 
 def test_fused_targets_are_the_two_halves():

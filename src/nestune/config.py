@@ -32,6 +32,9 @@ class DetectConfig:
     heldout_fraction: float = 0.25  # of the detect prompts, kept out of probe training for the AUC
     z_threshold: float = 3.0
     sign: str = "positive"  # positive: more active on harmful prompts; negative; both (|z|)
+    # max: each neuron's largest value over the prompt's tokens (the paper's); last: its value at the last
+    # prompt token, the position the answer starts from (where refusal is decided)
+    pool: str = "max"
 
 
 @dataclass

@@ -3,6 +3,7 @@
 1. Capture: run harmful and benign prompts (chat template, generation prompt) through the decoder and
    record, for every neuron, the projection's output (before the activation function) max-pooled over the
    prompt's real tokens. Padding is set to -inf before the max, so it can never decide a value.
+   (detect.pool = "last", our option, takes the value at the last prompt token instead.)
 2. Probe: one logistic regression per module, harmful = 1, benign = 0, trained as batched tensor programs.
    Features are standardised per neuron over the training prompts, so a probe weight measures how much
    a neuron's *relative* activity tells harmful from benign, not how large its activations happen to be;
@@ -46,6 +47,7 @@ from .models import (
 from .runfolder import RunFolder
 
 SIGNS = ("positive", "negative", "both")
+POOLS = ("max", "last")
 
 # ---------------------------------------------------------------------------------------------------------
 # Capture
@@ -79,8 +81,12 @@ def masked_max(values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget], batch_size: int,
-                   max_length: int) -> dict[str, torch.Tensor]:
-    """Max-pooled pre-activation outputs of every target's neurons: {name: float32 CPU (n_prompts, n_neurons)}."""
+                   max_length: int, pool: str = "max") -> dict[str, torch.Tensor]:
+    """Pooled pre-activation outputs of every target's neurons: {name: float32 CPU (n_prompts, n_neurons)}.
+
+    pool "max": the largest value over the prompt's real tokens; "last": the value at the last token (prompts
+    are left-padded, so that is position -1 of every row).
+    """
     from tqdm.auto import tqdm
 
     # Batches of similar length waste less compute on padding, longest first so that an out-of-memory error
@@ -92,7 +98,11 @@ def capture_pooled(model, tokenizer, texts: list[str], targets: list[FFNTarget],
     def hook_for(target: FFNTarget):
         def hook(module, args, output):
             values = output[..., target.offset : target.offset + target.n_neurons]
-            pooled[target.name].append(masked_max(values, current["bias"]).float().cpu())
+            if pool == "last":
+                values = values[:, -1]
+            else:
+                values = masked_max(values, current["bias"])
+            pooled[target.name].append(values.float().cpu())
 
         return hook
 
@@ -334,6 +344,8 @@ def run_detect(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None, h
     d = cfg.detect
     if d.sign not in SIGNS:
         raise NestuneError(f"unknown detect.sign '{d.sign}'", f"use one of {', '.join(SIGNS)}")
+    if d.pool not in POOLS:
+        raise NestuneError(f"unknown detect.pool '{d.pool}'", f"use one of {', '.join(POOLS)}")
     if not 0 <= d.heldout_fraction < 1:
         raise NestuneError(f"detect.heldout_fraction must be in [0, 1), not {d.heldout_fraction}",
                            "--set detect.heldout_fraction=0.25")
@@ -359,7 +371,7 @@ def run_detect(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None, h
 
     start = time.perf_counter()
     features = capture_pooled(model, loaded.tokenizer, [r[0] for r in records], targets, d.batch_size,
-                              d.max_length)
+                              d.max_length, d.pool)
     capture_s = time.perf_counter() - start
     start = time.perf_counter()
     probe_device = input_device(model) if input_device(model).type == "cuda" else "cpu"
