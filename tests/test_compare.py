@@ -205,3 +205,18 @@ def test_check_rows_hold_each_method_to_the_shipping_targets():
     assert body == [["nest", "96.0% [92.0, 100.0]: met", "+5.0 [-5.0, +15.0]: met?"]]
     assert "## Checks before shipping" in compare.render_markdown(
         {**result, "model": "m", "judge": "j", "budget": {}, "same_examples_seen": True, "notes": []})
+
+
+def test_plot_draws_without_over_refusal_and_skips_an_empty_comparison(tmp_path):
+    row = {"method": "nest", "trainable_params": 100, "asr_mean": {"rate": 0.1, "ci": [0.05, 0.2], "n": 24},
+           "overrefusal": {"rate": 0.3, "ci": [0.2, 0.4], "n": 40}}
+    full = {"model": "tiny", "judge": "refusal", "methods": {"nest": row},
+            "base": {"asr_mean": {"rate": 0.6, "ci": [0.5, 0.7], "n": 24}, "overrefusal": {"rate": 0.2, "n": 40}}}
+    assert compare.plot_compare(full, tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    # An evaluation without the over-refusal set still gets the left panel
+    bare = {**full, "methods": {"nest": {**row, "overrefusal": None}}, "base": {"asr_mean": full["base"]["asr_mean"]}}
+    assert compare.plot_compare(bare, tmp_path / "b.png")
+    empty = {**full, "methods": {}, "base": {}}
+    assert not compare.plot_compare(empty, tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()

@@ -363,35 +363,68 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _error(raw, r: float):
+    """Matplotlib's asymmetric error bar (in points) from a rate's 95% interval, or None."""
+    ci = raw.get("ci") if isinstance(raw, dict) else None
+    return [[100 * (r - ci[0])], [100 * (ci[1] - r)]] if ci and len(ci) >= 2 else None
+
+
 def plot_compare(result: dict, path: Path) -> bool:
-    """ASR mean after training against trainable parameters (log x), one labelled point per method."""
+    """Two panels, one labelled point per method (95% intervals as bars).
+
+    Left: ASR mean after training against trainable parameters (log x). Right: ASR mean against over-refusal,
+    the trade a user ships, with the base model and the corner the shipping targets allow (SHIP_TARGETS).
+    """
+    rows = [r for r in result["methods"].values() if rate_of(r.get("asr_mean")) is not None]
+    colour = {r["method"]: f"C{i}" for i, r in enumerate(rows)}  # a method has one colour in both panels
+    colour["base"] = "grey"
     points = [(r["method"], r["trainable_params"], rate_of(r["asr_mean"]), r["asr_mean"])
-              for r in result["methods"].values()
-              if r.get("trainable_params") and rate_of(r.get("asr_mean")) is not None]
-    base = rate_of(result["base"].get("asr_mean"))
-    if not points and base is None:
+              for r in rows if r.get("trainable_params")]
+    base = result["base"]
+    base_asr, base_or = rate_of(base.get("asr_mean")), rate_of(base.get("overrefusal"))
+    if not points and base_asr is None:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (ax, trade) = plt.subplots(1, 2, figsize=(12, 4.2))
     for i, (name, params, r, raw) in enumerate(points):
-        ci = raw.get("ci") if isinstance(raw, dict) else None
-        err = [[100 * (r - ci[0])], [100 * (ci[1] - r)]] if ci and len(ci) >= 2 else None
-        ax.errorbar([params], [100 * r], yerr=err, fmt="o", capsize=3)
+        ax.errorbar([params], [100 * r], yerr=_error(raw, r), fmt="o", capsize=3, color=colour[name])
         # nest and random always train the same number of parameters: step their labels down so both read
         same_x = sum(p == params for _, p, _, _ in points[:i])
         ax.annotate(name, (params, 100 * r), textcoords="offset points", xytext=(6, 6 - 14 * same_x))
-    if base is not None:
-        ax.axhline(100 * base, color="grey", linestyle="--", label=f"base model ({100 * base:.1f}%)")
+    if base_asr is not None:
+        ax.axhline(100 * base_asr, color="grey", linestyle="--", label=f"base model ({100 * base_asr:.1f}%)")
         ax.legend(loc="best")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("ASR, mean over attacks (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{result['model']}: attack success after hardening (judge: {result['judge']})")
+    ax.set_title("attack success against trainable parameters")
+
+    shown = [(r["method"], r["asr_mean"], r.get("overrefusal")) for r in rows
+             if rate_of(r.get("overrefusal")) is not None]
+    if base_asr is not None and base_or is not None:
+        shown.insert(0, ("base", base["asr_mean"], base["overrefusal"]))
+        # The shipping targets' corner: ASR cut by asr_cut of the base's, over-refusal at most base + rise
+        asr_max = 100 * base_asr * (1 - SHIP_TARGETS["asr_cut"])
+        or_max = 100 * (base_or + SHIP_TARGETS["overrefusal_rise"])
+        trade.fill_between([0, or_max], 0, asr_max, color="tab:green", alpha=0.15,
+                           label="shipping targets (ASR and over-refusal)")
+        trade.legend(loc="upper right")
+    for name, asr_raw, or_raw in shown:
+        a, o = rate_of(asr_raw), rate_of(or_raw)
+        trade.errorbar([100 * o], [100 * a], xerr=_error(or_raw, o), yerr=_error(asr_raw, a), capsize=3,
+                       linestyle="none", marker="s" if name == "base" else "o", color=colour[name])
+        trade.annotate(name, (100 * o, 100 * a), textcoords="offset points", xytext=(6, 6))
+    trade.set_xlim(0, 105)
+    trade.set_ylim(0, 105)
+    trade.set_xlabel("over-refusal: safe look-alikes refused (%)")
+    trade.set_ylabel("ASR, mean over attacks (%)")
+    trade.set_title("attack success against over-refusal (lower left is better)")
+    fig.suptitle(f"{result['model']} (judge: {result['judge']})")
     fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
@@ -407,7 +440,8 @@ def render_html(result: dict, plot: Path | None) -> str:
     if plot is not None and Path(plot).exists():
         data = base64.b64encode(Path(plot).read_bytes()).decode()
         figure = (f"<figure><img src='data:image/png;base64,{data}'><figcaption>ASR (mean over attacks, 95% CI) "
-                  "against trainable parameters; dashed line: the base model</figcaption></figure>")
+                  "against trainable parameters (dashed line: the base model) and against over-refusal (green: "
+                  "the shipping targets)</figcaption></figure>")
     header, body = attack_rows(result)
     per_attack = f"<h2>Attack success rate per attack</h2>{html_table(header, body)}" if len(header) > 1 else ""
     header, body = change_rows(result)
