@@ -546,7 +546,8 @@ def build_report(run: RunFolder) -> dict:
     ]
     compare = run.path / "compare_plot.png"
     if compare.exists():
-        images.append(("ASR versus trainable parameters and versus over-refusal, per method", _stage_png(run, "compare_plot.png")))
+        images.append(("ASR versus trainable parameters and versus over-refusal, per method",
+                       _stage_png(run, "compare_plot.png")))
     tables = audit_tables(run)
     write_text(run.path / "report.md", render_markdown(results) + audit_markdown(tables))
     write_text(run.path / "report.html",
