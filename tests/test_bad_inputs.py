@@ -9,12 +9,14 @@ the network.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from nestune.cli import main
 from nestune.testing import save_tiny
@@ -277,7 +279,29 @@ CATALOGUE = [
      ["unknown attack(s): dan99", "available: none, prefill, aim"]),
     ("unknown-judge", lambda a, t, m: eval_with_stub_data(a, t, m, "--judge", "gpt-judge"),
      ["unknown judge 'gpt-judge'", "hf:<model>"]),
+    # --- the machine
+    ("disk-full", lambda a, t, m: (m.setattr("nestune.detect.save_tensors", fail_writing(OSError(
+        errno.ENOSPC, "No space left on device", str(t / "run" / "detect" / "probes.safetensors")))),
+        detect_with(a, t, *data_args(a), "--z-threshold", "1.0"))[1],
+     ["the disk is full (no space left on device) writing", "probes.safetensors", "rerun the same command"]),
+    ("disk-full-in-safetensors", lambda a, t, m: (m.setattr("nestune.detect.save_tensors", fail_writing(
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))),
+        detect_with(a, t, *data_args(a), "--z-threshold", "1.0"))[1],
+     ["the disk is full (no space left on device)", "give --out a folder on a larger disk"]),
 ]
+
+
+def fail_writing(error: Exception):
+    def save(*args, **kwargs):
+        raise error
+
+    return save
+
+
+def test_other_errors_keep_their_traceback(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr("nestune.detect.save_tensors", fail_writing(OSError(errno.EACCES, "Permission denied")))
+    with pytest.raises(PermissionError):
+        main([str(x) for x in detect_with(assets, tmp_path, *data_args(assets), "--z-threshold", "1.0")])
 
 
 @pytest.mark.parametrize("build,needles", [c[1:] for c in CATALOGUE], ids=[c[0] for c in CATALOGUE])

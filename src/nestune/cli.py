@@ -12,7 +12,7 @@ import os
 import sys
 
 from . import __version__
-from .errors import NestuneError
+from .errors import NestuneError, disk_full
 
 
 def _common(p: argparse.ArgumentParser, run_required: bool = False) -> None:
@@ -157,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed stages are saved; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a full disk is the user's to fix too; anything else keeps its traceback
+        full = disk_full(e)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        sys.exit(2)
     return 0
 
 
