@@ -401,7 +401,7 @@ def plot_compare(result: dict, path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("ASR, mean over attacks (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(-2, 105)  # below 0, so that a point at 0% shows whole
     ax.set_title("attack success against trainable parameters")
 
     shown = [(r["method"], r["asr_mean"], r.get("overrefusal")) for r in rows
@@ -419,8 +419,8 @@ def plot_compare(result: dict, path: Path) -> bool:
         trade.errorbar([100 * o], [100 * a], xerr=_error(or_raw, o), yerr=_error(asr_raw, a), capsize=3,
                        linestyle="none", marker="s" if name == "base" else "o", color=colour[name])
         trade.annotate(name, (100 * o, 100 * a), textcoords="offset points", xytext=(6, 6))
-    trade.set_xlim(0, 105)
-    trade.set_ylim(0, 105)
+    trade.set_xlim(-2, 105)
+    trade.set_ylim(-2, 105)
     trade.set_xlabel("over-refusal: safe look-alikes refused (%)")
     trade.set_ylabel("ASR, mean over attacks (%)")
     trade.set_title("attack success against over-refusal (lower left is better)")
