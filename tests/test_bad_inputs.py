@@ -284,11 +284,26 @@ CATALOGUE = [
         errno.ENOSPC, "No space left on device", str(t / "run" / "detect" / "probes.safetensors")))),
         detect_with(a, t, *data_args(a), "--z-threshold", "1.0"))[1],
      ["the disk is full (no space left on device) writing", "probes.safetensors", "rerun the same command"]),
+    ("disk-too-small-for-the-checkpoint", lambda a, t, m: (small_disk(m), ["apply", "--adapter", a.adapter, "--model",
+                                                               a.tiny, "--out", t / "folded", "--device", "cpu"])[1],
+     ["the checkpoint needs about", "GiB free", "give --out a folder on a larger disk"]),
     ("disk-full-in-safetensors", lambda a, t, m: (m.setattr("nestune.detect.save_tensors", fail_writing(
         SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))),
         detect_with(a, t, *data_args(a), "--z-threshold", "1.0"))[1],
      ["the disk is full (no space left on device)", "give --out a folder on a larger disk"]),
 ]
+
+
+def small_disk(monkeypatch) -> None:
+    """shutil.disk_usage reports 1 MiB free."""
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(total=10 * 2**20, used=9 * 2**20, free=2**20))
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_not_started(assets, tmp_path, monkeypatch, capsys):
+    small_disk(monkeypatch)
+    run_cli(capsys, ["apply", "--adapter", assets.adapter, "--model", assets.tiny, "--out", tmp_path / "folded",
+                     "--device", "cpu"])
+    assert not (tmp_path / "folded").exists() and not (tmp_path / "folded.tmp").exists()
 
 
 def fail_writing(error: Exception):

@@ -13,6 +13,10 @@ class NestuneError(Exception):
         super().__init__(f"{cause} -- {fix}" if fix else cause)
 
 
+DISK_FIX = ("free some space or give --out a folder on a larger disk, then rerun the same command: finished stages are "
+            "kept and it resumes")
+
+
 def disk_full(error: BaseException) -> NestuneError | None:
     """The one-line error for a full disk, or None for any other error.
 
@@ -21,6 +25,4 @@ def disk_full(error: BaseException) -> NestuneError | None:
     if getattr(error, "errno", None) != errno.ENOSPC and "No space left on device" not in str(error):
         return None
     where = getattr(error, "filename", None)
-    return NestuneError(f"the disk is full (no space left on device){f' writing {where}' if where else ''}",
-                        "free some space or give --out a folder on a larger disk, then rerun the same command: "
-                        "finished stages are kept and it resumes")
+    return NestuneError(f"the disk is full (no space left on device){f' writing {where}' if where else ''}", DISK_FIX)
