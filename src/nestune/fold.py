@@ -20,14 +20,14 @@ from .runfolder import RunFolder
 SPACE_MARGIN = 64 * 1024**2  # the tokenizer, config and model card beside the weights
 
 
-def check_free_space(folder: Path, needed: int, what: str) -> None:
+def check_free_space(folder: Path, needed: int) -> None:
     """Fail before writing when the disk cannot hold `needed` bytes: a checkpoint that fills the disk halfway costs
     the stage's time and leaves the disk full for whatever runs next."""
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < needed + SPACE_MARGIN:
         gib = 1024**3
-        raise NestuneError(f"{what} needs about {needed / gib:.1f} GiB in {folder}, and the disk has "
+        raise NestuneError(f"the checkpoint needs about {needed / gib:.1f} GiB in {folder}, and the disk has "
                            f"{free / gib:.1f} GiB free", DISK_FIX)
 
 
@@ -42,7 +42,7 @@ def save_checkpoint_folder(loaded: LoadedModel, out: Path, card: str, state_dict
     weights = state_dict if state_dict is not None else model.state_dict()
     # Tied weights (embedding and LM head) share storage and are saved once
     unique = {(t.data_ptr() or id(t)): t for t in weights.values()}
-    check_free_space(out.parent, sum(t.numel() * t.element_size() for t in unique.values()), "the checkpoint")
+    check_free_space(out.parent, sum(t.numel() * t.element_size() for t in unique.values()))
     model.hf_quantizer = None  # a GGUF-loaded model keeps a quantizer that cannot be serialised
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
