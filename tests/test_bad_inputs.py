@@ -275,6 +275,9 @@ CATALOGUE = [
             {"model": str(Path(a.tiny).resolve()), "adapter": str(Path(a.adapter).resolve()), "dtype": "auto"})),
         eval_with_stub_data(a, t, m, "--adapter", a.adapter, "--set", "fold.scale=0.5"))[1],
      ["with adapter", "at scale 0.5 (dtype auto)", "use a new --out folder for this model"]),
+    ("drop-clusters-on-an-adapter", lambda a, t, m: eval_with_stub_data(
+        a, t, m, "--adapter", a.adapter, "--set", "fold.drop_clusters=5"),
+     ["fold.drop_clusters needs the run folder the adapter was trained in", "nestune fold --run RUN"]),
     ("unknown-attack", lambda a, t, m: eval_with_stub_data(a, t, m, "--attacks", "none,dan99"),
      ["unknown attack(s): dan99", "available: none, prefill, aim"]),
     ("unknown-judge", lambda a, t, m: eval_with_stub_data(a, t, m, "--judge", "gpt-judge"),

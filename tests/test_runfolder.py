@@ -32,7 +32,10 @@ def test_stage_settings_hold_what_each_stage_depends_on():
     assert set(detect) < set(cluster) < set(train) and "train.lr" in train and "eval.n_behaviours" not in train
     assert "eval.n_behaviours" in before and "train.lr" not in before and "detect.z_threshold" not in before
     fold = stage_settings(cfg, "fold")
-    assert set(train) < set(fold) < set(after) and set(fold) - set(train) == {"fold.scale"}
+    assert set(train) < set(fold) < set(after) and set(fold) - set(train) == {"fold.scale", "fold.drop_clusters"}
+    cfg.fold.drop_clusters = 5  # the attribution reads the over-refusal set's look-alikes
+    assert set(stage_settings(cfg, "fold")) - set(fold) == {"eval.overrefusal"}
+    cfg.fold.drop_clusters = 0
     for settings in (detect, train, after):  # speed-only keys are left out
         assert not {"detect.batch_size", "eval.batch_size", "eval.generator"} & set(settings)
     lora = stage_settings(config(train__method="lora"), "train")

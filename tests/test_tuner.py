@@ -4,24 +4,9 @@ import pytest
 import torch
 
 from nestune.errors import NestuneError
-from nestune.models import ARCHITECTURES, FFN_OUTPUTS, ffn_output, ffn_targets, get_module, neuron_weight
-from nestune.testing import TINY_ARCHS, tiny_model
-from nestune.tuner import NeSTAdapter, TargetUpdate, _neurons_are_columns, base_identity, check_same_base
-
-
-def make_adapter(model, seed=0, rows_per_target=6, k=2, side="input"):
-    """Pick a few rows in every target and put them into k clusters, with random non-zero deltas."""
-    g = torch.Generator().manual_seed(seed)
-    specs = []
-    for t in ffn_targets(model):
-        rows = torch.randperm(t.n_neurons, generator=g)[:rows_per_target].tolist()
-        clusters = [i % k for i in range(len(rows))]
-        specs.append(TargetUpdate.from_target(t, rows, clusters, ffn_output(model, t) if side == "output" else None))
-    adapter = NeSTAdapter(specs)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.normal_(0, 0.5, generator=g)
-    return adapter
+from nestune.models import ARCHITECTURES, FFN_OUTPUTS, ffn_targets, get_module, neuron_weight
+from nestune.testing import TINY_ARCHS, random_adapter, tiny_model
+from nestune.tuner import NeSTAdapter, _neurons_are_columns, base_identity, check_same_base
 
 
 def batch(seed=0):
@@ -40,8 +25,8 @@ def test_fold_matches_adapter_and_leaves_other_weights_bit_identical(arch, side)
     inputs = batch()
     with torch.no_grad():
         base_logits = model(**inputs).logits
-    adapter = make_adapter(model, side=side).attach(model)
-    assert adapter.num_trainable() == make_adapter(tiny_model(arch)).num_trainable()  # the same vectors either side
+    adapter = random_adapter(model, side=side).attach(model)
+    assert adapter.num_trainable() == random_adapter(tiny_model(arch)).num_trainable()  # the same vectors either side
     with torch.no_grad():
         adapted = model(**inputs).logits
         assert (adapted - base_logits).abs().max() > 1e-3, "the adapter must change the output"
@@ -78,7 +63,7 @@ def test_fold_matches_adapter_and_leaves_other_weights_bit_identical(arch, side)
 @pytest.mark.parametrize("scale", [0.0, 0.5, 1.5])
 def test_scaled_fold_moves_the_rows_by_that_share_of_the_update(arch, scale):
     base_model, model = tiny_model(arch), tiny_model(arch)
-    full, scaled = make_adapter(base_model), make_adapter(model)
+    full, scaled = random_adapter(base_model), random_adapter(model)
     full.fold(base_model)
     before = {k: v.clone() for k, v in tiny_model(arch).state_dict().items()}
     scaled.scale(scale).fold(model)
@@ -91,7 +76,7 @@ def test_scaled_fold_moves_the_rows_by_that_share_of_the_update(arch, scale):
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])
 def test_parameter_count_and_shared_updates(arch):
     model = tiny_model(arch)
-    adapter = make_adapter(model, k=3)
+    adapter = random_adapter(model, k=3)
     expected = sum(s.k * s.d_model for s in adapter.specs)
     assert adapter.num_trainable() == expected
     before = {t.name: neuron_weight(get_module(model, t.module_path), t).clone() for t in ffn_targets(model)}
@@ -110,7 +95,7 @@ def test_gradients_only_reach_deltas():
     model = tiny_model("llama")
     for p in model.parameters():
         p.requires_grad_(False)
-    adapter = make_adapter(model).attach(model)
+    adapter = random_adapter(model).attach(model)
     out = model(**batch()).logits.sum()
     out.backward()
     assert all(p.grad is not None for p in adapter.parameters())
@@ -126,7 +111,7 @@ def test_output_side_adapter_saves_and_loads_its_side_and_old_adapters_load_as_i
 
     model = tiny_model("gpt2")  # Conv1D output projection
     inputs = batch(1)
-    adapter = make_adapter(model, side="output").attach(model)
+    adapter = random_adapter(model, side="output").attach(model)
     with torch.no_grad():
         expected = model(**inputs).logits
     adapter.detach()
@@ -139,7 +124,7 @@ def test_output_side_adapter_saves_and_loads_its_side_and_old_adapters_load_as_i
     with torch.no_grad():
         assert torch.allclose(fresh(**inputs).logits, expected, atol=1e-5)
 
-    make_adapter(model).save(tmp_path / "old", base_identity(model, "tiny-gpt2"))
+    random_adapter(model).save(tmp_path / "old", base_identity(model, "tiny-gpt2"))
     path = tmp_path / "old" / "adapter_config.json"
     config = json.loads(path.read_text())
     for t in config["targets"]:  # as written before update_side existed
@@ -152,7 +137,7 @@ def test_output_side_adapter_saves_and_loads_its_side_and_old_adapters_load_as_i
 def test_save_load_apply_reproduces_logits(tmp_path):
     model = tiny_model("qwen2")
     inputs = batch(1)
-    adapter = make_adapter(model).attach(model)
+    adapter = random_adapter(model).attach(model)
     with torch.no_grad():
         expected = model(**inputs).logits
     adapter.detach()
@@ -170,7 +155,7 @@ def test_save_load_apply_reproduces_logits(tmp_path):
 
 def test_apply_to_other_base_is_refused(tmp_path):
     model = tiny_model("llama", seed=0)
-    adapter = make_adapter(model)
+    adapter = random_adapter(model)
     adapter.save(tmp_path, base_identity(model, "tiny"))
     _, config = NeSTAdapter.load(tmp_path)
     with pytest.raises(NestuneError, match="trained on"):
@@ -186,7 +171,7 @@ def test_relative_lr_scales_each_first_step_by_the_rms_of_its_rows(arch, tmp_pat
     for p in model.parameters():
         p.requires_grad_(False)
     targets = {t.name: t for t in ffn_targets(model)}
-    adapter = make_adapter(model)
+    adapter = random_adapter(model)
     with torch.no_grad():
         for p in adapter.parameters():
             p.zero_()

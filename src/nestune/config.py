@@ -108,6 +108,10 @@ class FoldConfig:
     # of the way to the base (trading attack success for over-refusal and utility), above 1 goes further. A
     # post-hoc knob: changing it refolds and re-evaluates without training again (docs/experiments.md)
     scale: float = 1.0
+    # Leave out the N clusters that most make safe prompts refused (our option, src/nestune/attribution.py): each
+    # cluster's share of the refusal is measured on harmful training prompts and on safe look-alikes that evaluation
+    # never sees, and the N whose look-alike share most exceeds their harmful share are not folded. 0 folds all.
+    drop_clusters: int = 0
 
 
 @dataclass

@@ -54,7 +54,7 @@ def save_checkpoint_folder(loaded: LoadedModel, out: Path, card: str, state_dict
     os.replace(tmp, out)
 
 
-def model_card(cfg: Config, run: RunFolder, adapter_config: dict) -> str:
+def model_card(cfg: Config, run: RunFolder, adapter_config: dict, drop_note: str | None = None) -> str:
     detect = read_json(run.path / "detect" / "DONE.json") if run.done("detect") else {}
     train = read_json(run.path / "train" / "summary.json") if (run.path / "train" / "summary.json").exists() else {}
     output_side = any(t.get("side") == "output" for t in adapter_config.get("targets") or [])
@@ -81,6 +81,7 @@ def model_card(cfg: Config, run: RunFolder, adapter_config: dict) -> str:
         f"| training | {train.get('steps', '?')} steps, {train.get('n_harmful', '?')} harmful + "
         f"{train.get('n_benign', '?')} benign prompts, final loss {rounded(train.get('final_loss', '?'))} |",
         f"| share of the trained update folded in | {cfg.fold.scale:g} (fold.scale) |",
+        *([f"| clusters left out (fold.drop_clusters) | {drop_note} |"] if drop_note else []),
         "",
         "Evaluation results, when the run evaluated the model, are in the run folder's `results.json` and "
         "`report.html`.",
@@ -91,6 +92,7 @@ def model_card(cfg: Config, run: RunFolder, adapter_config: dict) -> str:
 
 def run_fold(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> Path:
     """Fold RUN/train/adapter into the base model and save it to RUN/fold/model."""
+    from .attribution import clusters_to_drop, describe_drop, drop_clusters, run_attribution
     from .tuner import NeSTAdapter, check_same_base
 
     train_dir = run.require("train", "run `nestune train --run RUN` first")
@@ -98,10 +100,11 @@ def run_fold(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> 
     merged = train_dir / "merged"  # baselines that merge while training (LoRA, full) leave their model here
     scale = cfg.fold.scale
     if merged.exists():
-        if scale != 1:
-            raise NestuneError(f"fold.scale={scale} applies to NeST updates, but '{train_dir}' holds a baseline's "
+        if scale != 1 or cfg.fold.drop_clusters:
+            setting = f"fold.scale={scale}" if scale != 1 else f"fold.drop_clusters={cfg.fold.drop_clusters}"
+            raise NestuneError(f"{setting} applies to NeST updates, but '{train_dir}' holds a baseline's "
                                "merged model (LoRA, full fine-tuning or circuit breakers)",
-                               "leave fold.scale at 1 for the baselines")
+                               "leave fold.scale at 1 and fold.drop_clusters at 0 for the baselines")
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(merged, out)
@@ -110,13 +113,23 @@ def run_fold(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> 
     adapter_dir = train_dir / "adapter"
     if not adapter_dir.exists():
         raise NestuneError(f"no adapter in '{train_dir}'", "rerun `nestune train`")
+    if cfg.fold.drop_clusters < 0:
+        raise NestuneError(f"fold.drop_clusters={cfg.fold.drop_clusters} is negative",
+                           "give the number of clusters to leave out, e.g. 5, or 0 to fold them all")
     loaded = loaded or load_model(cfg.model, cfg.device, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     adapter, config = NeSTAdapter.load(adapter_dir)
     check_same_base(config, loaded.model)
+    dropped, note = [], None
+    if cfg.fold.drop_clusters:
+        attribution = run_attribution(cfg, run, loaded)
+        dropped = clusters_to_drop(attribution, cfg.fold.drop_clusters)
+        drop_clusters(adapter, dropped)
+        note = describe_drop(attribution, dropped)
+        print(note, flush=True)
     adapter.scale(scale).fold(loaded.model)
-    save_checkpoint_folder(loaded, out, model_card(cfg, run, config))
+    save_checkpoint_folder(loaded, out, model_card(cfg, run, config, note))
     write_json(run.stage("fold") / "summary.json", {"path": str(out), "trainable_params": config.get(
-        "trainable_parameters"), "scale": scale})
+        "trainable_parameters"), "scale": scale, "dropped_clusters": dropped, "drop_note": note})
     run.mark_done("fold", {"path": str(out)})
     print(f"folded model written to {out}", flush=True)
     return out

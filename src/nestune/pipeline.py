@@ -123,6 +123,10 @@ def eval_command(cfg: Config, adapter: str | None = None) -> dict:
         raise NestuneError("vLLM reads the model's weights from disk, so it would evaluate the model without "
                            "the adapter", "fold it first (`nestune apply --adapter A --model M --out DIR`) and "
                            "evaluate DIR, or use --generator hf")
+    if adapter and cfg.fold.drop_clusters:
+        raise NestuneError("fold.drop_clusters needs the run folder the adapter was trained in (its training "
+                           "targets and prompts)", "fold it there: `nestune fold --run RUN --set "
+                           f"fold.drop_clusters={cfg.fold.drop_clusters}`, then evaluate RUN/fold/model")
     run = RunFolder(cfg.out)
     check_evaluated_model(run.stage("eval"), evaluated_model(cfg, adapter))
     loaded = _load(cfg)

@@ -91,6 +91,7 @@ def collect_results(run: RunFolder) -> dict:
     cfg = run.saved_config() or {}
     detect = _maybe(run.path / "detect" / "neurons.json") or {}
     train = _maybe(run.path / "train" / "summary.json") or {}
+    fold = _maybe(run.path / "fold" / "summary.json") or {}
     before = _maybe(run.path / "eval-before" / "metrics.json")
     after = _maybe(run.path / "eval-after" / "metrics.json")
     any_eval = after or before or {}
@@ -98,7 +99,8 @@ def collect_results(run: RunFolder) -> dict:
         "model": cfg.get("model"),
         "method": train.get("method", (cfg.get("train") or {}).get("method")),
         "trainable_params": train.get("trainable_params"),
-        "fold_scale": (_maybe(run.path / "fold" / "summary.json") or {}).get("scale", 1.0),
+        "fold_scale": fold.get("scale", 1.0),
+        "fold_dropped": fold.get("drop_note"),
         "judge": any_eval.get("judge"),
         "judge_validation": any_eval.get("judge_validation"),
         "decoding": any_eval.get("decoding"),
@@ -202,6 +204,33 @@ def plot_before_after(results: dict) -> str | None:
     return _png(fig)
 
 
+def plot_attribution(run: RunFolder) -> str | None:
+    """Each cluster's share of the refusal's rise on harmful prompts against safe look-alikes (fold.drop_clusters),
+    the clusters left out marked."""
+    attribution = _maybe(run.path / "train" / "attribution.json")
+    if not attribution:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dropped = {(c["target"], c["cluster"]) for c in (_maybe(run.path / "fold" / "summary.json") or {}).get(
+        "dropped_clusters") or []}
+    clusters = attribution["clusters"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for gone, colour, label in ((False, "tab:blue", "folded"), (True, "tab:red", "left out (fold.drop_clusters)")):
+        chosen = [c for c in clusters if ((c["target"], c["cluster"]) in dropped) == gone]
+        if chosen:
+            ax.scatter([c["harmful"] for c in chosen], [c["lookalike"] for c in chosen], s=14, c=colour, label=label)
+    ax.axline((0, 0), slope=1, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("rise of log p(refusal) on harmful prompts")
+    ax.set_ylabel("rise on safe look-alikes")
+    ax.set_title(f"each cluster's share of the refusal ('{attribution['opening']}')")
+    ax.legend()
+    return _png(fig)
+
+
 def _stage_png(run: RunFolder, rel: str) -> str | None:
     p = run.path / rel
     return base64.b64encode(p.read_bytes()).decode() if p.exists() else None
@@ -278,6 +307,8 @@ def render_markdown(results: dict) -> str:
                      "projection; train.update_side)")
     if results.get("fold_scale", 1.0) != 1:
         lines.append(f"- share of the trained update folded in: {results['fold_scale']:g} (fold.scale)")
+    if results.get("fold_dropped"):
+        lines.append(f"- fold.drop_clusters: {results['fold_dropped']}")
     det = results.get("detection") or {}
     if det:
         lines.append(f"- safety neurons: {det.get('total_selected')} of {det.get('total_neurons')} "
@@ -548,6 +579,10 @@ def build_report(run: RunFolder) -> dict:
     if compare.exists():
         images.append(("ASR versus trainable parameters and versus over-refusal, per method",
                        _stage_png(run, "compare_plot.png")))
+    attribution = plot_attribution(run)
+    if attribution:
+        images.append(("Each trained cluster's share of the refusal on harmful prompts and on safe look-alikes "
+                       "(above the dashed line: more on the safe prompts)", attribution))
     tables = audit_tables(run)
     write_text(run.path / "report.md", render_markdown(results) + audit_markdown(tables))
     write_text(run.path / "report.html",

@@ -48,7 +48,9 @@ def stage_parts(cfg: Config, stage: str) -> list[str]:
     """The config sections (or single keys) `stage` depends on: its own and, in turn, its upstream stage's."""
     up = upstream_stage(cfg, stage)  # None for the baselines' training: they read no detection
     # train-targets: a comparison's shared training targets (prompts and the base model's answers)
-    own = {"detect": ["detect"], "cluster": ["cluster"], "train": target_keys(cfg) + ["train"], "fold": ["fold"],
+    # fold.drop_clusters reads the over-refusal set's safe look-alikes (src/nestune/attribution.py)
+    fold = ["fold"] + (["eval.overrefusal"] if cfg.fold.drop_clusters else [])
+    own = {"detect": ["detect"], "cluster": ["cluster"], "train": target_keys(cfg) + ["train"], "fold": fold,
            "train-targets": target_keys(cfg)}
     # an evaluation reads its benign next-token (KL) prompts from detect.benign's held-out part
     return (stage_parts(cfg, up) if up else []) + own.get(stage, ["eval", "detect.benign"])

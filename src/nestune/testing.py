@@ -74,3 +74,21 @@ def save_tiny(path, arch: str = "llama", seed: int = 0, **config_kwargs):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def random_adapter(model, seed=0, rows_per_target=6, k=2, side="input"):
+    """A NeST adapter on a few random rows of every target, in k clusters, with random non-zero deltas."""
+    from .models import ffn_output, ffn_targets
+    from .tuner import NeSTAdapter, TargetUpdate
+
+    g = torch.Generator().manual_seed(seed)
+    specs = []
+    for t in ffn_targets(model):
+        rows = torch.randperm(t.n_neurons, generator=g)[:rows_per_target].tolist()
+        clusters = [i % k for i in range(len(rows))]
+        specs.append(TargetUpdate.from_target(t, rows, clusters, ffn_output(model, t) if side == "output" else None))
+    adapter = NeSTAdapter(specs)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.5, generator=g)
+    return adapter

@@ -116,6 +116,10 @@ class NeSTAdapter(nn.Module):
         self.updates = nn.ModuleDict({_key(s.name): ClusterUpdate(s) for s in specs})
         self._handles: list = []
 
+    def update_for(self, target: str) -> ClusterUpdate:
+        """The update of one target module (by its name, e.g. "layers.3.up")."""
+        return self.updates[_key(target)]
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
