@@ -399,7 +399,8 @@ CHECK_HINTS = {
               "docs/experiments.md.",
     "over-refusal": "Over-refusal missed: the safe prompts the hardened model newly refuses are listed below. "
                     "Folding a share of the trained update (--set fold.scale=0.5 on a copy of the run folder; no "
-                    "training) trades attack success for fewer refusals.",
+                    "training), or leaving out the clusters that most refuse safe prompts (--set "
+                    "fold.drop_clusters=10), trades attack success for fewer refusals.",
     "utility": "Utility missed: at 60 questions a task one question is 1.7 points and the interval is about +-8; "
                "--set eval.n_utility=300 on a copy of the run folder measures it closer (answers kept, only the new "
                "questions scored).",
