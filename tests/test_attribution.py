@@ -77,13 +77,17 @@ def test_clusters_to_drop_are_those_whose_lookalike_share_most_exceeds_their_har
     assert line.endswith("200% of its rise on safe look-alikes (the other clusters together lower it)")
 
 
+def loaded_tiny() -> LoadedModel:
+    return LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny-test", "test", "tiny-test")
+
+
 def write_prompts(path, stem, n) -> str:
     path.write_text("".join(f"{stem} number {i}\n" for i in range(n)))
     return str(path)
 
 
 def trained_run(tmp_path) -> tuple[Config, RunFolder, LoadedModel, NeSTAdapter]:
-    loaded = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny-test", "test", "tiny-test")
+    loaded = loaded_tiny()
     run = RunFolder(tmp_path / "run")
     rows = [{"kind": "harmful", "prompt": f"harm {i}", "response": "I'm sorry, but no.", "own_refusal": False}
             for i in range(3)] + [{"kind": "benign", "prompt": "hi", "response": "Hello!"}]
@@ -125,7 +129,7 @@ def test_fold_without_the_dropped_clusters_keeps_their_rows_at_the_base(tmp_path
 
     # A second fold of the same adapter reads the saved attribution instead of measuring again.
     monkeypatch.setattr(attribution, "cluster_attribution", lambda *a, **k: pytest.fail("measured again"))
-    run_fold(cfg, run, LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny-test", "test", "tiny-test"))
+    run_fold(cfg, run, loaded_tiny())
 
 
 def test_negative_drop_is_refused(tmp_path):

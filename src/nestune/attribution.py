@@ -53,20 +53,21 @@ def cluster_attribution(model, tokenizer, adapter: NeSTAdapter, texts: list[str]
                         batch_size: int = 8, max_length: int = 256, desc: str = "attribution") -> dict:
     """{target: [each cluster's share of the mean change in log p(opening)]}, the adapter attached."""
     updates = {spec.name: adapter.update_for(spec.name) for spec in adapter.specs}
+    for update in updates.values():
+        update.delta.requires_grad_(True)
     trained = {name: update.delta.detach().clone() for name, update in updates.items()}
-    shares = {name: torch.zeros(len(delta)) for name, delta in trained.items()}
+    shares = {name: torch.zeros_like(delta[:, 0]) for name, delta in trained.items()}  # on the deltas' device
     alphas = [(i + 0.5) / STEPS for i in range(STEPS)]
     with tqdm(total=len(alphas) * len(texts), desc=desc, unit="prompt") as bar:
         try:
             for alpha in alphas:
                 for name, update in updates.items():
                     update.delta.data = trained[name] * alpha
-                    update.delta.requires_grad_(True)
                 for start in range(0, len(texts), batch_size):
                     chunk = texts[start:start + batch_size]
                     refusal_logprob(model, tokenizer, chunk, opening, max_length).sum().backward()
                     for name, update in updates.items():
-                        shares[name] += (update.delta.grad.cpu() * trained[name].cpu()).sum(1) / STEPS
+                        shares[name] += (update.delta.grad * trained[name]).sum(1) / STEPS
                         update.delta.grad = None
                     bar.update(len(chunk))
         finally:
@@ -75,9 +76,10 @@ def cluster_attribution(model, tokenizer, adapter: NeSTAdapter, texts: list[str]
     return {name: (s / len(texts)).tolist() for name, s in shares.items()}
 
 
-def run_attribution(cfg: Config, run: RunFolder, loaded: LoadedModel) -> dict:
+def run_attribution(cfg: Config, run: RunFolder, loaded: LoadedModel, adapter: NeSTAdapter) -> dict:
     """RUN/train/attribution.json: every cluster's share of the refusal change on harmful and on safe prompts,
-    computed once per trained adapter (its file's hash is kept with it)."""
+    computed once per trained adapter (its file's hash is kept with it). `adapter` is RUN's, loaded and detached;
+    it is left as it was."""
     from . import data
 
     adapter_dir = run.stage("train") / "adapter"
@@ -93,7 +95,6 @@ def run_attribution(cfg: Config, run: RunFolder, loaded: LoadedModel) -> dict:
           f"harmful and {len(lookalike)} safe look-alike prompts", flush=True)
     model = loaded.model
     model.requires_grad_(False)  # gradients to the deltas only
-    adapter, _ = NeSTAdapter.load(adapter_dir)
     adapter.attach(model)
     try:
         by_set = {name: cluster_attribution(model, loaded.tokenizer, adapter, texts, opening, cfg.train.batch_size,

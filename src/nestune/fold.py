@@ -121,7 +121,7 @@ def run_fold(cfg: Config, run: RunFolder, loaded: LoadedModel | None = None) -> 
     check_same_base(config, loaded.model)
     dropped, note = [], None
     if cfg.fold.drop_clusters:
-        attribution = run_attribution(cfg, run, loaded)
+        attribution = run_attribution(cfg, run, loaded, adapter)
         dropped = clusters_to_drop(attribution, cfg.fold.drop_clusters)
         drop_clusters(adapter, dropped)
         note = describe_drop(attribution, dropped)
