@@ -90,7 +90,7 @@ def run_attribution(cfg: Config, run: RunFolder, loaded: LoadedModel, adapter: N
     targets = read_jsonl(run.stage("train") / "targets.jsonl")
     opening = loaded.tokenizer(refusal_opening(targets), add_special_tokens=False)["input_ids"][:OPENING_TOKENS]
     harmful = [r["prompt"] for r in targets if r["kind"] == "harmful"]  # the prompts training refused
-    lookalike = [p.text for part in ("detect", "train") for p in data.pick(cfg.eval.overrefusal, part, 0)]
+    lookalike = data.lookalikes_outside_evaluation(cfg)
     print(f"attributing the refusal '{loaded.tokenizer.decode(opening)}' to the clusters on {len(harmful)} "
           f"harmful and {len(lookalike)} safe look-alike prompts", flush=True)
     model = loaded.model

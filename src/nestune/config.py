@@ -91,6 +91,11 @@ class TrainConfig:
     # option): to their columns of the FFN output projection, so a neuron's change scales with its own activation
     # (docs/method.md, docs/experiments.md)
     update_side: str = "input"
+    # Keep each input-side update out of the FFN-input directions that hold all but this share of the energy of
+    # training's benign prompts and the safe look-alikes evaluation never reads (our option, src/nestune/protect.py);
+    # 0 = off. 0.05 on qwen2.5-coder-0.5b seeds 0 and 2: over-refusal at the base's, plain requests and prefill
+    # closed, but most jailbreak templates stay open (ASR 40% and 47%; docs/experiments.md)
+    protect: float = 0.0
     benign_loss: str = "answer"  # answer: cross-entropy to the original answer; kl: KL to the original
     benign_weight: float = 1.0
     answer_tokens: int = 48  # length of the cached original answers and of refusal targets
@@ -242,7 +247,7 @@ AT_LEAST_ONE = ("detect.batch_size", "detect.max_length", "detect.probe_epochs",
                 "train.batch_size", "train.grad_accum", "train.answer_tokens", "train.max_length",
                 "eval.max_new_tokens", "eval.max_length", "eval.batch_size", "attack.n_select",
                 "attack.finetune_steps")
-FRACTIONS = ("train.prefill_fraction", "train.benign_framed")
+FRACTIONS = ("train.prefill_fraction", "train.benign_framed", "train.protect")
 MAY_BE_NEGATIVE = ("detect.z_threshold",)
 
 
@@ -263,6 +268,10 @@ def validate(cfg: Config) -> None:
             raise NestuneError(f"setting {key} must be at least {low}, not {value}", f"--set {key}=<{low} or more>")
         if key in FRACTIONS and value > 1:
             raise NestuneError(f"setting {key} must be between 0 and 1, not {value}", f"--set {key}=0.25")
+    if cfg.train.protect and (cfg.train.update_side != "input" or cfg.train.method not in ("nest", "neurons", "random")):
+        raise NestuneError("train.protect applies to NeST's input-side updates (train.method nest, neurons or random, "
+                           f"train.update_side input), not to train.method={cfg.train.method} with "
+                           f"train.update_side={cfg.train.update_side}", "drop train.protect for this run")
     if not cfg.train.epochs and not cfg.train.max_steps:
         raise NestuneError("train.epochs and train.max_steps are both 0: nothing to train",
                            "--set train.epochs=1 (or train.max_steps=N)")

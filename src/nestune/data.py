@@ -638,3 +638,8 @@ def pick(spec: str, part: str, n: int, seed: int = 0) -> list[Prompt]:
     if n and len(chosen) > n:
         chosen = random.Random(seed).sample(chosen, n)
     return chosen
+
+
+def lookalikes_outside_evaluation(cfg) -> list[str]:
+    """The safe look-alikes of eval.overrefusal that evaluation never reads (its detect and train parts)."""
+    return [p.text for part in ("detect", "train") for p in pick(cfg.eval.overrefusal, part, 0)]

@@ -80,6 +80,8 @@ def model_card(cfg: Config, run: RunFolder, adapter_config: dict, drop_note: str
         f"| detection | z > {cfg.detect.z_threshold}, mean probe AUC {rounded(detect.get('mean_auc', '?'))} |",
         f"| training | {train.get('steps', '?')} steps, {train.get('n_harmful', '?')} harmful + "
         f"{train.get('n_benign', '?')} benign prompts, final loss {rounded(train.get('final_loss', '?'))} |",
+        *([f"| kept out of the safe prompts' FFN inputs (train.protect) | all but {train['protect']:g} of the energy "
+           f"of {train['protected_prompts']} benign and safe look-alike prompts |"] if train.get("protect") else []),
         f"| share of the trained update folded in | {cfg.fold.scale:g} (fold.scale) |",
         *([f"| clusters left out (fold.drop_clusters) | {drop_note} |"] if drop_note else []),
         "",

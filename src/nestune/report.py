@@ -107,7 +107,8 @@ def collect_results(run: RunFolder) -> dict:
         "detection": {k: detect.get(k) for k in ("total_selected", "total_neurons", "share", "mean_auc",
                                                  "z_threshold", "sign")} if detect else None,
         "training": {k: train.get(k) for k in ("steps", "wall_s", "peak_memory_bytes", "final_loss",
-                                               "examples_seen", "n_neurons", "n_clusters", "update_side")}
+                                               "examples_seen", "n_neurons", "n_clusters", "update_side",
+                                               "protect", "protected_prompts", "free_directions")}
         if train else None,
         "before": _side(before),
         "after": _side(after),
@@ -305,6 +306,12 @@ def render_markdown(results: dict) -> str:
     if (results.get("training") or {}).get("update_side") == "output":
         lines.append("- update side: output (each cluster's vector changes its neurons' columns of the FFN output "
                      "projection; train.update_side)")
+    training = results.get("training") or {}
+    if training.get("protect"):
+        free = training["free_directions"]
+        lines.append(f"- train.protect={training['protect']:g}: the updates were kept out of the FFN-input directions "
+                     f"that hold all but that share of {training['protected_prompts']} benign and safe look-alike "
+                     f"prompts' energy ({free['min']}-{free['max']} of {free['of']} directions left per module)")
     if results.get("fold_scale", 1.0) != 1:
         lines.append(f"- share of the trained update folded in: {results['fold_scale']:g} (fold.scale)")
     if results.get("fold_dropped"):

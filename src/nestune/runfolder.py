@@ -50,7 +50,9 @@ def stage_parts(cfg: Config, stage: str) -> list[str]:
     # train-targets: a comparison's shared training targets (prompts and the base model's answers)
     # fold.drop_clusters reads the over-refusal set's safe look-alikes (src/nestune/attribution.py)
     fold = ["fold"] + (["eval.overrefusal"] if cfg.fold.drop_clusters else [])
-    own = {"detect": ["detect"], "cluster": ["cluster"], "train": target_keys(cfg) + ["train"], "fold": fold,
+    # so does train.protect (src/nestune/protect.py)
+    train = target_keys(cfg) + ["train"] + (["eval.overrefusal"] if cfg.train.protect else [])
+    own = {"detect": ["detect"], "cluster": ["cluster"], "train": train, "fold": fold,
            "train-targets": target_keys(cfg)}
     # an evaluation reads its benign next-token (KL) prompts from detect.benign's held-out part
     return (stage_parts(cfg, up) if up else []) + own.get(stage, ["eval", "detect.benign"])

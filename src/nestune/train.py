@@ -29,6 +29,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -418,12 +419,12 @@ def epoch_batches(lengths: list[int], batch_size: int, group_by_length: bool, rn
 
 def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Example], cfg: Config,
                folder: Path, loss_fn=None, pad_id: int = 0, accelerator=None,
-               lr_scales: dict[str, float] | None = None) -> dict:
+               lr_scales: dict[str, float] | None = None, after_step=None) -> dict:
     """AdamW on `params` over `examples` for cfg.train.epochs (or max_steps); resumable per epoch.
 
     `loss_fn(model, batch)` defaults to `response_loss`. `lr_scales` multiplies the lr of the named
-    parameters (NeST's relative lr). Returns stats: steps, final loss, wall time,
-    peak memory, examples seen.
+    parameters (NeST's relative lr). `after_step()` runs after each optimizer step (train.protect's projection).
+    Returns stats: steps, final loss, wall time, peak memory, examples seen.
 
     With an `accelerator` of N processes, each takes every N-th example of each micro-batch, weights its loss by
     its share of the batch, and the gradients are averaged over the processes before each step: the update is
@@ -489,6 +490,8 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
             if world > 1:
                 loss_sum = average_loss(loss_sum, world) if sharded else average_gradients(params, loss_sum, world)
             optimizer.step()
+            if after_step is not None:
+                after_step()
             step += 1
             position["losses"].append(round(loss_sum, 5))
             bar.update(1)
@@ -639,7 +642,14 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
 
     for p in model.parameters():
         p.requires_grad_(False)
-    adapter = NeSTAdapter(adapter_specs(run, method, cfg.seed, model, cfg.train.update_side)).attach(model)
+    adapter = NeSTAdapter(adapter_specs(run, method, cfg.seed, model, cfg.train.update_side))
+    after_step, protected = None, {}
+    if cfg.train.protect:
+        from .protect import project, protection_bases
+
+        bases, protected = protection_bases(cfg, loaded, adapter, rows)  # from the base model, before training
+        after_step = partial(project, adapter, bases)
+    adapter.attach(model)
     params = {name: p for name, p in adapter.named_parameters()}
     scales = adapter.row_scales(model)
     if is_main(accelerator):
@@ -649,7 +659,8 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
     stats = train_loop(model, params, examples,
                        cfg, folder,
                        loss_fn=lambda m, b: response_loss(m, b, cfg, reference=adapter.disabled),
-                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator, lr_scales=scales)
+                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator, lr_scales=scales,
+                       after_step=after_step)
     adapter.detach()
     if not is_main(accelerator):
         return {"method": method, **stats}  # the main process writes the results
@@ -660,7 +671,7 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
                "lr_relative_to": "RMS of the weight rows (output side: columns) each delta changes",
                "effective_lr": {"min": effective[0], "median": effective[len(effective) // 2], "max": effective[-1]},
                "n_neurons": sum(len(s.rows) for s in adapter.specs),
-               "n_clusters": sum(s.k for s in adapter.specs),
+               "n_clusters": sum(s.k for s in adapter.specs), **protected,
                **row_counts(rows), **stats}
     write_json(folder / "summary.json", summary)
     run.mark_done("train", {"method": method})
