@@ -26,6 +26,7 @@ def test_free_directions_leave_out_the_fewest_that_hold_all_but_eps_of_the_energ
     for eps, kept in ((0.01, [2, 3]), (0.001, [3])):
         basis = free_directions(moment, eps)
         assert torch.allclose(basis @ basis.T, rotation[:, kept] @ rotation[:, kept].T, atol=1e-5)
+    assert free_directions(moment, 1.0).shape == (4, 4)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -44,6 +45,14 @@ def test_projected_updates_are_quiet_on_the_protected_prompts(arch, tmp_path):
         moment = moments[spec.module_path]
         for delta in adapter.update_for(spec.name).delta.detach():
             assert float(delta @ moment @ delta) <= 0.02 * float(delta @ delta * moment.trace()) + 1e-6, spec.name
+
+
+def test_a_protection_that_leaves_no_direction_is_refused(tmp_path):
+    loaded = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny-test", "test", "tiny-test")
+    cfg = Config(model="tiny-test", device="cpu")
+    cfg.eval.overrefusal, cfg.train.protect = write_safe_prompts(tmp_path), 1e-12
+    with pytest.raises(NestuneError, match="leaves no direction"):
+        protection_bases(cfg, loaded, random_adapter(loaded.model), [{"kind": "benign", "prompt": "hi"}])
 
 
 def write_safe_prompts(tmp_path) -> str:

@@ -69,7 +69,7 @@ def free_directions(moment: torch.Tensor, eps: float) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(moment.double().cpu())
     values, vectors = values.flip(0), vectors.flip(1)  # largest first
     held = values.clamp(min=0).cumsum(0) / values.clamp(min=0).sum()
-    protected = int((held < 1 - eps).sum()) + 1
+    protected = int((held < 1 - eps).sum()) + (eps < 1)  # eps 1 protects nothing
     return vectors[:, protected:].float().contiguous()
 
 
