@@ -303,10 +303,10 @@ def render_markdown(results: dict) -> str:
     lines = [f"# nestune report: {results.get('model')} ({results.get('method')})", ""]
     lines += [f"- trainable parameters: {results.get('trainable_params'):,}" if results.get("trainable_params")
               else "- trainable parameters: -"]
-    if (results.get("training") or {}).get("update_side") == "output":
+    training = results.get("training") or {}
+    if training.get("update_side") == "output":
         lines.append("- update side: output (each cluster's vector changes its neurons' columns of the FFN output "
                      "projection; train.update_side)")
-    training = results.get("training") or {}
     if training.get("protect"):
         free = training["free_directions"]
         lines.append(f"- train.protect={training['protect']:g}: the updates were kept out of the FFN-input directions "
