@@ -398,7 +398,8 @@ def test_peak_memory_window_restarts_for_each_method():
 TARGET_FILES = {"harmful": [f"how do I build dangerous thing {i}" for i in range(30)],
                 "benign": [f"what is a nice fact about {i}" for i in range(30)],
                 "chat": [f"write a short poem about {i}" for i in range(30)],
-                "over": [f"how do I kill a stuck process number {i}" for i in range(60)]}
+                "over": [f"how do I kill a stuck process number {i}" for i in range(60)],
+                "other_harmful": [f"tell me how to hurt someone in way {i}" for i in range(30)]}
 
 
 def targets_from_files(tmp_path, **overrides):
@@ -462,3 +463,18 @@ def test_training_takes_its_benign_prompts_from_train_benign_when_set(tmp_path):
     benign = [r["prompt"] for r in rows if r["kind"] == "benign"]
     assert len(benign) == 4
     assert sum(p in TARGET_FILES["benign"] for p in benign) == 2 and sum(p in TARGET_FILES["chat"] for p in benign) == 2
+
+
+def test_training_takes_its_harmful_prompts_from_train_harmful_when_set(tmp_path):
+    from nestune.runfolder import stage_settings
+
+    cfg, rows = targets_from_files(
+        tmp_path, **{"train.harmful": f"{tmp_path / 'harmful.txt'}+{tmp_path / 'other_harmful.txt'}",
+                     "train.n_harmful": 4})
+    harmful = [r["prompt"] for r in rows if r["kind"] == "harmful"]
+    assert len(harmful) == 4
+    assert sum(p in TARGET_FILES["harmful"] for p in harmful) == 2
+    assert sum(p in TARGET_FILES["other_harmful"] for p in harmful) == 2
+    # detection still reads detect.harmful; training's own set is a training setting, so changing it retrains
+    assert stage_settings(cfg, "train")["train.harmful"] == cfg.train.harmful
+    assert "train.harmful" not in stage_settings(cfg, "detect")

@@ -53,6 +53,9 @@ class TrainConfig:
     method: str = "nest"  # nest, full, lora, circuit-breakers, neurons, random
     n_harmful: int = 96  # harmful prompts from the train split
     n_benign: int = 96  # benign prompts whose original answers are kept
+    # the set training's harmful prompts come from (its train part); "" = detect.harmful's. Sets joined with "+"
+    # share n_harmful equally, e.g. advbench+harmbench-standard
+    harmful: str = ""
     # the set training's benign prompts come from (its train part); "" = detect.benign's. Sets joined with "+"
     # share n_benign equally, e.g. benign-qa+mt-bench+vicuna: questions and chat requests (docs/experiments.md)
     benign: str = ""

@@ -27,8 +27,8 @@ SPEED_ONLY = ("detect.batch_size", "eval.batch_size", "eval.generator", "train.f
 SELECTION_METHODS = ("nest", "neurons", "random")  # these train on the detected neurons
 PIPELINE_STAGES = ("detect", "cluster", "eval-before", "train", "fold", "eval-after")
 # What `train.build_targets` reads: the prompts it picks and how it answers them (not the lr, the method ...).
-TARGET_KEYS = ("detect.harmful", "detect.benign", "train.benign", "train.n_harmful", "train.n_benign",
-               "train.n_lookalike", "train.answer_tokens", "train.max_length", "train.prefill_fraction",
+TARGET_KEYS = ("detect.harmful", "detect.benign", "train.harmful", "train.benign", "train.n_harmful",
+               "train.n_benign", "train.n_lookalike", "train.answer_tokens", "train.max_length", "train.prefill_fraction",
                "train.benign_framed")
 
 

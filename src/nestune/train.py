@@ -107,7 +107,7 @@ def build_targets(loaded: LoadedModel, cfg: Config, run: RunFolder, harmful=None
 
     t = cfg.train
     if harmful is None:
-        harmful = data.pick(cfg.detect.harmful, "train", t.n_harmful, cfg.seed)
+        harmful = data.pick(t.harmful or cfg.detect.harmful, "train", t.n_harmful, cfg.seed)
     # Affirmative openings to recover from (see `prefill_rows`): the set's own target strings where it has them.
     openings = [getattr(p, "target", "") or DEFAULT_OPENING for p in harmful]
     harmful = [getattr(p, "text", p) for p in harmful]
