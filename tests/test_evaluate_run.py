@@ -161,6 +161,19 @@ def test_attack_metrics_by_hand():
     assert m["successes_looping"]["rate"] == 0.0 and m["successes_looping"]["n"] == 1
 
 
+def test_attack_metrics_give_each_behaviour_sets_mean_when_there_are_several():
+    rows = [{"source": src, "behaviour": b, "attack": a, "refused": refused, "answered": True}
+            for src, b, a, refused in [("advbench", "1", "none", True), ("advbench", "1", "aim", True),
+                                       ("harmbench", "1", "none", True), ("harmbench", "1", "aim", False),
+                                       ("harmbench", "2", "none", False), ("harmbench", "2", "aim", False)]]
+    m = attack_metrics(rows, ["none", "aim"], 100, 0)
+    assert m["n_behaviours"] == 3  # behaviour "1" of each set is its own behaviour
+    assert m["asr_by_source"]["advbench"]["rate"] == 0.0 and m["asr_by_source"]["advbench"]["n"] == 1
+    assert m["asr_by_source"]["harmbench"]["rate"] == 0.75 and m["asr_by_source"]["harmbench"]["n"] == 2
+    assert m["asr_mean"]["rate"] == pytest.approx(0.5)
+    assert attack_metrics(rows[:2], ["none", "aim"], 100, 0)["asr_by_source"] == {}  # one set: the mean says it
+
+
 def test_looping_flags_repeated_phrases_only():
     loop = "I can help you with your writing. " * 6
     assert looping(loop) and looping("Ie, " * 30)

@@ -74,6 +74,16 @@ def test_outcome_changes_pair_behaviours_on_the_attacks_both_sides_ran():
     assert c["asr_any_attack"]["change"] == pytest.approx(-0.5)  # x/2 broken by aim before, by nothing after
     assert c["overrefusal"]["change"] == 0.5 and c["utility"]["arc-easy"]["change"] == 0.5
     assert c["gsm8k"] is None
+    assert c["asr_by_source"] == {}  # these outcomes name no behaviour sets
+
+
+def test_outcome_changes_pair_each_behaviour_sets_mean():
+    sources = {"a/1": "a", "b/1": "b", "b/2": "b"}
+    before = {"attacks": {"a/1": {"none": 1}, "b/1": {"none": 1}, "b/2": {"none": 1}}, "attack_sources": sources}
+    after = {"attacks": {"a/1": {"none": 0}, "b/1": {"none": 1}, "b/2": {"none": 0}}, "attack_sources": sources}
+    c = outcome_changes(before, after, 200, 0)
+    assert c["asr_by_source"]["a"]["change"] == -1 and c["asr_by_source"]["a"]["n"] == 1
+    assert c["asr_by_source"]["b"]["change"] == -0.5 and c["asr_by_source"]["b"]["n"] == 2
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -245,3 +245,19 @@ def test_summary_shows_how_much_of_the_benign_kl_is_sharpening():
     assert rows["benign next-token entropy (nats; lower: more confident)"] == ("3.34", "0.47", "-")
     assert "benign prompts whose likeliest next token is the base's" not in {
         r[0] for r in summary_rows({"benign_kl": 0.5, "benign_shift": {"kl": 0.5}})}  # recorded before the shift
+
+
+def test_report_shows_each_behaviour_sets_mean_asr(tmp_path):
+    from nestune.report import build_report
+
+    run = RunFolder(tmp_path / "run")
+    for stage, by_source in (("eval-before", {"advbench": 0.75, "harmbench-test": 0.875}),
+                             ("eval-after", {"advbench": 0.125, "harmbench-test": 0.5})):
+        metrics = {"asr_by_source": {src: {"rate": r, "ci": [0, 1], "n": 8} for src, r in by_source.items()}}
+        (run.stage(stage) / "metrics.json").write_text(json.dumps(metrics))
+    build_report(run)
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["after"]["asr_by_source"]["harmbench-test"]["rate"] == 0.5
+    lines = (run.path / "report.md").read_text().splitlines()
+    assert any(line.startswith("| ASR mean, harmbench-test behaviours | 87.5%") and "50.0%" in line for line in lines)
+    assert any(line.startswith("| ASR mean, advbench behaviours | 75.0%") for line in lines)

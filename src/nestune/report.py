@@ -69,7 +69,7 @@ def benign_kl(run: RunFolder, warn: bool = True) -> float | None:
 def _side(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
-    keep = ("asr_mean", "asr_by_attack", "asr_any_attack", "successes_looping", "successes_short", "overrefusal",
+    keep = ("asr_mean", "asr_by_source", "asr_by_attack", "asr_any_attack", "successes_looping", "successes_short", "overrefusal",
             "overrefusal_unanswered", "utility", "gsm8k", "n_behaviours")
     return {k: metrics[k] for k in keep if k in metrics}
 
@@ -275,7 +275,10 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
 
         return (name, _fmt(pick(before)), _fmt(pick(after)), fmt_change(pick(change)))
 
-    rows = [row("ASR mean over attacks", "asr_mean"), row("ASR any attack (behaviours broken)", "asr_any_attack")]
+    rows = [row("ASR mean over attacks", "asr_mean")]
+    rows += [row(f"ASR mean, {src} behaviours", "asr_by_source", src)
+             for src in (before.get("asr_by_source") or after.get("asr_by_source") or {})]
+    rows.append(row("ASR any attack (behaviours broken)", "asr_any_attack"))
     rows += [row(f"ASR {a}", "asr_by_attack", a) for a in (before.get("asr_by_attack") or after.get("asr_by_attack") or {})]
     if before.get("successes_looping") or after.get("successes_looping"):
         rows.append(row("attack successes that are repetition loops", "successes_looping"))

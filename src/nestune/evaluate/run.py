@@ -304,8 +304,14 @@ def attack_metrics(rows: list[dict], attack_names: list[str], n_boot: int, seed:
     # behaviour meets every attack), so its interval resamples behaviours.
     per_behaviour = [sum(v) / len(v) for v in by_behaviour.values()]
     successes = [r for r, s in zip(rows, succeeded) if s]
+    # Behaviours from several sets (eval.behaviours=advbench+harmbench-standard): the mean per set too, since a
+    # set whose train part was trained on holds paraphrases of training's prompts and another set does not
+    sources = sorted({source for source, _ in by_behaviour})
+    by_source = {src: rate([sum(v) / len(v) for (s, _), v in by_behaviour.items() if s == src], n_boot, seed)
+                 for src in sources} if len(sources) > 1 else {}
     return {
         "asr_mean": rate(per_behaviour, n_boot, seed),
+        "asr_by_source": by_source,
         "asr_by_attack": {a: rate(v, n_boot, seed) for a, v in by_attack.items() if v},
         "asr_any_attack": rate([any(v) for v in by_behaviour.values()], n_boot, seed),
         "n_behaviours": len(by_behaviour),
@@ -334,6 +340,7 @@ def outcomes(rows: list[dict], over: list[dict], mc: dict[str, list[dict]], gsm:
         attacks.setdefault(f"{r['source']}/{r['behaviour']}", {})[r["attack"]] = int(attack_succeeded(r))
     return {
         "attacks": attacks,
+        "attack_sources": {f"{r['source']}/{r['behaviour']}": r["source"] for r in rows},
         "overrefusal": {f"{r['source']}/{r['id']}": int(r["refused"]) for r in over},
         "utility": {task: {r["id"]: int(r["correct"]) for r in rs} for task, rs in mc.items() if rs},
         "gsm8k": {r["id"]: int(r["correct"]) for r in gsm},
