@@ -213,6 +213,9 @@ def test_ship_checks_hold_each_change_to_its_target_and_say_when_the_interval_ca
     assert checks["utility mmlu change"]["verdict"] == "missed"
     hints = check_hints(list(checks.values()))
     assert [h.split()[0] for h in hints] == ["Over-refusal", "Utility"]
+    assert "at 60 questions a task one question is 1.7 points" in hints[1]  # the run's own n, not a fixed one
+    checks["utility mmlu change"]["n"] = 8
+    assert "at 8 questions a task one question is 12.5 points" in check_hints(list(checks.values()))[1]
     results["change"]["asr_mean"] = {"change": -0.5, "ci": [-0.6, -0.4], "n": 24}  # cut 83% [67, 100]
     assert ship_checks(results)[0]["verdict"] == "missed (not resolved: the interval spans the target)"
     assert ship_checks({"before": results["before"], "change": None}) == []

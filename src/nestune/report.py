@@ -411,15 +411,19 @@ CHECK_HINTS = {
                     "Folding a share of the trained update (--set fold.scale=0.5 on a copy of the run folder; no "
                     "training), or leaving out the clusters that most refuse safe prompts (--set "
                     "fold.drop_clusters=10), trades attack success for fewer refusals.",
-    "utility": "Utility missed: at 60 questions a task one question is 1.7 points and the interval is about +-8; "
-               "--set eval.n_utility=300 on a copy of the run folder measures it closer (answers kept, only the new "
-               "questions scored).",
+    "utility": "Utility missed: at {n} questions a task one question is {point:.1f} points; --set eval.n_utility=300 "
+               "on a copy of the run folder measures it closer (answers kept, only the new questions scored).",
 }
 
 
 def check_hints(checks: list[dict]) -> list[str]:
-    missed = [c["check"] for c in checks if not c["met"]]
-    return [hint for key, hint in CHECK_HINTS.items() if any(m.startswith(key) for m in missed)]
+    missed = [c for c in checks if not c["met"]]
+    hints = []
+    for key, hint in CHECK_HINTS.items():
+        ns = [c["n"] for c in missed if c["check"].startswith(key)]
+        if ns:
+            hints.append(hint.format(n=min(ns), point=100 / min(ns)) if key == "utility" else hint)
+    return hints
 
 
 def checks_markdown(checks: list[dict]) -> str:
