@@ -264,3 +264,20 @@ def test_report_shows_each_behaviour_sets_mean_asr(tmp_path):
     lines = (run.path / "report.md").read_text().splitlines()
     assert any(line.startswith("| ASR mean, harmbench-test behaviours | 87.5%") and "50.0%" in line for line in lines)
     assert any(line.startswith("| ASR mean, advbench behaviours | 75.0%") for line in lines)
+
+
+def test_report_says_when_the_behaviours_come_from_the_set_training_read():
+    from nestune.report import behaviour_sets, behaviours_line
+
+    default = behaviour_sets({"eval": {"behaviours": "advbench"}, "detect": {"harmful": "advbench"}, "train": {}})
+    assert default == {"sets": ["advbench"], "read_by_training": ["advbench"], "suggested": "harmbench-standard"}
+    assert "--set eval.behaviours=advbench+harmbench-standard" in behaviours_line(default)[0]
+    both = behaviour_sets({"eval": {"behaviours": "advbench+harmbench-standard"}, "detect": {"harmful": "advbench"},
+                           "train": {"harmful": ""}})
+    assert both["read_by_training"] == ["advbench"] and "harmbench-standard: unlike them" in behaviours_line(both)[0]
+    # training's own harmful set counts; a suggestion is never a set training read
+    trained = behaviour_sets({"eval": {"behaviours": "advbench"}, "detect": {"harmful": "advbench"},
+                              "train": {"harmful": "advbench+harmbench-standard"}})
+    assert trained["suggested"] == "strongreject"
+    unseen = behaviour_sets({"eval": {"behaviours": "jbb"}, "detect": {"harmful": "advbench"}, "train": {}})
+    assert unseen["read_by_training"] == [] and behaviours_line(unseen) == []

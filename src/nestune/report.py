@@ -117,6 +117,7 @@ def collect_results(run: RunFolder) -> dict:
         "timings_s": _maybe(run.path / "timings.json"),
     }
     results["benign_kl"] = (results["benign_shift"] or {}).get("kl")
+    results["behaviours"] = behaviour_sets(cfg) if train and any_eval else None
     results["checks"] = ship_checks(results)
     from .robustness import robustness_summary
 
@@ -302,6 +303,33 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def behaviour_sets(cfg: dict) -> dict:
+    """The sets the evaluated behaviours come from, and which of them detection or training read too (their other
+    parts: never the same prompts, but requests of the same kind; docs/experiments.md measures the difference)."""
+    def sets(spec: str | None) -> list[str]:
+        return [x for x in (spec or "").split("+") if x]
+
+    detect, train = cfg.get("detect") or {}, cfg.get("train") or {}
+    evaluated = sets((cfg.get("eval") or {}).get("behaviours"))
+    read = set(sets(detect.get("harmful"))) | set(sets(train.get("harmful") or detect.get("harmful")))
+    unread = [x for x in ("harmbench-standard", "strongreject", "jbb") if x not in read and x not in evaluated]
+    return {"sets": evaluated, "read_by_training": [x for x in evaluated if x in read],
+            "suggested": unread[0] if unread else None}
+
+
+def behaviours_line(info: dict | None) -> list[str]:
+    if not info or not info["read_by_training"]:
+        return []
+    shared, others = info["read_by_training"], [x for x in info["sets"] if x not in info["read_by_training"]]
+    line = (f"- behaviours: held-out part of {' + '.join(info['sets'])}; detection and training read other parts "
+            f"of {' + '.join(shared)}, so those behaviours are unseen but of the training prompts' kind")
+    if others:
+        return [line + f" ({' + '.join(others)}: unlike them; each set's ASR is in the table)"]
+    hint = f": add a set with --set eval.behaviours={'+'.join(info['sets'])}+{info['suggested']}" \
+        if info.get("suggested") else ""
+    return [line + f". Behaviours unlike them can fare worse (docs/experiments.md){hint}"]
+
+
 def render_markdown(results: dict) -> str:
     lines = [f"# nestune report: {results.get('model')} ({results.get('method')})", ""]
     lines += [f"- trainable parameters: {results.get('trainable_params'):,}" if results.get("trainable_params")
@@ -332,6 +360,7 @@ def render_markdown(results: dict) -> str:
                          f"{v.get('accuracy', 0):.3f}, precision {v.get('precision', 0):.3f}, recall "
                          f"{v.get('recall', 0):.3f}")
     lines.append(f"- decoding: {results.get('decoding')}")
+    lines += behaviours_line(results.get("behaviours"))
     lines += ["", "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(results)]
     lines.append(checks_markdown(results.get("checks") or []).rstrip("\n"))
