@@ -69,8 +69,8 @@ def benign_kl(run: RunFolder, warn: bool = True) -> float | None:
 def _side(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
-    keep = ("asr_mean", "asr_by_source", "asr_by_attack", "asr_any_attack", "successes_looping", "successes_short", "overrefusal",
-            "overrefusal_unanswered", "utility", "gsm8k", "n_behaviours")
+    keep = ("asr_mean", "asr_by_source", "asr_by_attack", "asr_any_attack", "successes_looping", "successes_short",
+            "overrefusal", "overrefusal_unanswered", "utility", "gsm8k", "n_behaviours")
     return {k: metrics[k] for k in keep if k in metrics}
 
 

@@ -28,8 +28,8 @@ SELECTION_METHODS = ("nest", "neurons", "random")  # these train on the detected
 PIPELINE_STAGES = ("detect", "cluster", "eval-before", "train", "fold", "eval-after")
 # What `train.build_targets` reads: the prompts it picks and how it answers them (not the lr, the method ...).
 TARGET_KEYS = ("detect.harmful", "detect.benign", "train.harmful", "train.benign", "train.n_harmful",
-               "train.n_benign", "train.n_lookalike", "train.answer_tokens", "train.max_length", "train.prefill_fraction",
-               "train.benign_framed")
+               "train.n_benign", "train.n_lookalike", "train.answer_tokens", "train.max_length",
+               "train.prefill_fraction", "train.benign_framed")
 
 
 def target_keys(cfg: Config) -> list[str]:

@@ -304,8 +304,8 @@ def attack_metrics(rows: list[dict], attack_names: list[str], n_boot: int, seed:
     # behaviour meets every attack), so its interval resamples behaviours.
     per_behaviour = [sum(v) / len(v) for v in by_behaviour.values()]
     successes = [r for r, s in zip(rows, succeeded) if s]
-    # Behaviours from several sets (eval.behaviours=advbench+harmbench-standard): the mean per set too, since a
-    # set whose train part was trained on holds paraphrases of training's prompts and another set does not
+    # Behaviours from several sets (eval.behaviours=advbench+harmbench-standard): the mean per set too, since the
+    # behaviours of the set training read are of its prompts' kind and another set's are not (docs/experiments.md)
     sources = sorted({source for source, _ in by_behaviour})
     by_source = {src: rate([sum(v) / len(v) for (s, _), v in by_behaviour.items() if s == src], n_boot, seed)
                  for src in sources} if len(sources) > 1 else {}
