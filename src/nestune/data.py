@@ -615,6 +615,12 @@ def split(prompts: list[Prompt], fractions: dict[str, float], seed: int = 0) -> 
 SPLIT_SEED = 0  # fixed, so a run's seed never moves prompts between detect/train and held-out evaluation
 
 
+def joined_sets(spec: str) -> list[str]:
+    """The set names of a spec that joins them with "+" ("benign-qa+mt-bench"); a bundled name or a file whose
+    own name holds a "+" is one set."""
+    return spec.split("+") if "+" in spec and spec not in DATASETS and not Path(spec).is_file() else [spec]
+
+
 def pick(spec: str, part: str, n: int, seed: int = 0) -> list[Prompt]:
     """Up to n prompts (0 = all) from one part of a set's fixed split, sampled with `seed`.
 
@@ -622,7 +628,7 @@ def pick(spec: str, part: str, n: int, seed: int = 0) -> list[Prompt]:
     attack evaluation from `heldout`, so no evaluated behaviour was seen in detection or training.
     Sets joined with "+" ("benign-qa+mt-bench") share n equally, each from its own part.
     """
-    sets = spec.split("+") if "+" in spec and spec not in DATASETS and not Path(spec).is_file() else [spec]
+    sets = joined_sets(spec)
     if len(sets) > 1:
         if not all(sets):
             raise NestuneError(f"'{spec}' has an empty name between its '+' signs", "join set names, e.g. a+b")

@@ -306,8 +306,10 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
 def behaviour_sets(cfg: dict) -> dict:
     """The sets the evaluated behaviours come from, and which of them detection or training read too (their other
     parts: never the same prompts, but requests of the same kind; docs/experiments.md measures the difference)."""
+    from .data import joined_sets
+
     def sets(spec: str | None) -> list[str]:
-        return [x for x in (spec or "").split("+") if x]
+        return [x for x in joined_sets(spec or "") if x]
 
     detect, train = cfg.get("detect") or {}, cfg.get("train") or {}
     evaluated = sets((cfg.get("eval") or {}).get("behaviours"))
@@ -450,8 +452,8 @@ def check_hints(checks: list[dict]) -> list[str]:
     hints = []
     for key, hint in CHECK_HINTS.items():
         ns = [c["n"] for c in missed if c["check"].startswith(key)]
-        if ns:
-            hints.append(hint.format(n=min(ns), point=100 / min(ns)) if key == "utility" else hint)
+        if ns:  # the utility hint names the fewest questions of a missed task and what one is worth
+            hints.append(hint.format(n=min(ns), point=100 / min(ns)))
     return hints
 
 

@@ -71,15 +71,16 @@ def outcome_changes(before: dict, after: dict, n_boot: int = 1000, seed: int = 0
     def share(outcomes: list[int]) -> float:
         return sum(outcomes) / len(outcomes)
 
+    b_share, a_share = per_behaviour(b_att, share), per_behaviour(a_att, share)
     source_of = before.get("attack_sources") or {}  # absent from evaluations made before it was kept
     sources = sorted(set(source_of.values()))
 
-    def of_source(side: dict, src: str) -> dict:
-        return {k: v for k, v in per_behaviour(side, share).items() if source_of.get(k) == src}
+    def of_source(shares: dict, src: str) -> dict:
+        return {k: v for k, v in shares.items() if source_of.get(k) == src}
 
     changes = {
-        "asr_mean": paired_change(per_behaviour(b_att, share), per_behaviour(a_att, share), n_boot, seed),
-        "asr_by_source": {src: paired_change(of_source(b_att, src), of_source(a_att, src), n_boot, seed)
+        "asr_mean": paired_change(b_share, a_share, n_boot, seed),
+        "asr_by_source": {src: paired_change(of_source(b_share, src), of_source(a_share, src), n_boot, seed)
                           for src in sources} if len(sources) > 1 else {},
         "asr_any_attack": paired_change(per_behaviour(b_att, max), per_behaviour(a_att, max), n_boot, seed),
         "asr_by_attack": {a: paired_change({k: v[a] for k, v in b_att.items()}, {k: v[a] for k, v in a_att.items()},

@@ -302,15 +302,15 @@ def attack_metrics(rows: list[dict], attack_names: list[str], n_boot: int, seed:
         return {"asr_mean": None, "asr_by_attack": {}, "asr_any_attack": None, "n_behaviours": 0}
     # The mean over attacks equals the mean over behaviours of each behaviour's success share (every
     # behaviour meets every attack), so its interval resamples behaviours.
-    per_behaviour = [sum(v) / len(v) for v in by_behaviour.values()]
+    per_behaviour = {key: sum(v) / len(v) for key, v in by_behaviour.items()}
     successes = [r for r, s in zip(rows, succeeded) if s]
     # Behaviours from several sets (eval.behaviours=advbench+harmbench-standard): the mean per set too, since the
     # behaviours of the set training read are of its prompts' kind and another set's are not (docs/experiments.md)
     sources = sorted({source for source, _ in by_behaviour})
-    by_source = {src: rate([sum(v) / len(v) for (s, _), v in by_behaviour.items() if s == src], n_boot, seed)
+    by_source = {src: rate([x for (s, _), x in per_behaviour.items() if s == src], n_boot, seed)
                  for src in sources} if len(sources) > 1 else {}
     return {
-        "asr_mean": rate(per_behaviour, n_boot, seed),
+        "asr_mean": rate(list(per_behaviour.values()), n_boot, seed),
         "asr_by_source": by_source,
         "asr_by_attack": {a: rate(v, n_boot, seed) for a, v in by_attack.items() if v},
         "asr_any_attack": rate([any(v) for v in by_behaviour.values()], n_boot, seed),
