@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import SELECTION_METHODS, Config
 from .errors import NestuneError
 from .io import read_json, write_json, write_text
 from .models import LoadedModel, load_model, resolve_device
 from .report import SHIP_TARGETS, html_table, robustness_html, robustness_lines, ship_checks
-from .runfolder import PIPELINE_STAGES, SELECTION_METHODS, RunFolder
+from .runfolder import PIPELINE_STAGES, RunFolder
 
 METHODS = ("nest", "neurons", "random", "full", "lora", "circuit-breakers")
 COMPARE_STAGES = PIPELINE_STAGES + ("train-targets",)  # the shared stages in DIR (train and later are unused)

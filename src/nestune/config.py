@@ -251,6 +251,7 @@ AT_LEAST_ONE = ("detect.batch_size", "detect.max_length", "detect.probe_epochs",
                 "eval.max_new_tokens", "eval.max_length", "eval.batch_size", "attack.n_select",
                 "attack.finetune_steps")
 FRACTIONS = ("train.prefill_fraction", "train.benign_framed", "train.protect")
+SELECTION_METHODS = ("nest", "neurons", "random")  # these train on the detected neurons
 MAY_BE_NEGATIVE = ("detect.z_threshold",)
 
 
@@ -271,7 +272,7 @@ def validate(cfg: Config) -> None:
             raise NestuneError(f"setting {key} must be at least {low}, not {value}", f"--set {key}=<{low} or more>")
         if key in FRACTIONS and value > 1:
             raise NestuneError(f"setting {key} must be between 0 and 1, not {value}", f"--set {key}=0.25")
-    if cfg.train.protect and (cfg.train.update_side != "input" or cfg.train.method not in ("nest", "neurons", "random")):
+    if cfg.train.protect and (cfg.train.update_side != "input" or cfg.train.method not in SELECTION_METHODS):
         raise NestuneError("train.protect applies to NeST's input-side updates (train.method nest, neurons or random, "
                            f"train.update_side input), not to train.method={cfg.train.method} with "
                            f"train.update_side={cfg.train.update_side}", "drop train.protect for this run")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import Config
+from .config import SELECTION_METHODS, Config
 from .errors import NestuneError
 from .io import read_json, write_json
 from .models import LoadedModel, load_model
 from .report import benign_shift, build_report, print_metrics, print_summary
-from .runfolder import SELECTION_METHODS, RunFolder
+from .runfolder import RunFolder
 
 EVALUATED_MODEL = "evaluated_model.json"  # in RUN/eval: which model (and adapter, dtype) its answers are from
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import Config
+from .config import SELECTION_METHODS, Config
 from .errors import NestuneError
 from .io import read_json, write_json
 
@@ -24,7 +24,6 @@ FORMAT_VERSION = 1
 # stands for all its keys). Keys that change only speed (batch sizes, the generation engine, sharding) are
 # left out: resuming with another batch size is fine.
 SPEED_ONLY = ("detect.batch_size", "eval.batch_size", "eval.generator", "train.fsdp")
-SELECTION_METHODS = ("nest", "neurons", "random")  # these train on the detected neurons
 PIPELINE_STAGES = ("detect", "cluster", "eval-before", "train", "fold", "eval-after")
 # What `train.build_targets` reads: the prompts it picks and how it answers them (not the lr, the method ...).
 TARGET_KEYS = ("detect.harmful", "detect.benign", "train.harmful", "train.benign", "train.n_harmful",

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import SELECTION_METHODS, Config
 from .errors import NestuneError
 from .io import read_json, read_jsonl, save_tensors, write_json, write_text
 from .models import LoadedModel, chat_prompts, input_device, position_ids
@@ -626,7 +626,7 @@ def _run_train(cfg: Config, run: RunFolder, loaded: LoadedModel | None, accelera
     cfg = with_launcher_fsdp(cfg, accelerator)
     if cfg.train.fsdp:
         check_can_shard(cfg, accelerator)
-    if method not in ("nest", "neurons", "random"):
+    if method not in SELECTION_METHODS:
         from .baselines import run_baseline_train
 
         return run_baseline_train(cfg, run, loaded, accelerator=accelerator)
