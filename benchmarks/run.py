@@ -243,8 +243,11 @@ def adapter_for(rows: dict, per_neuron: bool, seed: int):
     return NeSTAdapter(specs)
 
 
-def train_steps(model, batch: dict, cfg, params: dict, lr: float, repeats: int, device: torch.device) -> dict:
-    """Step time, step memory, trainable parameters and optimizer state of training `params` on `batch`."""
+def train_steps(model, batch: dict, cfg, params: dict, lr: float, repeats: int, device: torch.device,
+                parts: list[tuple[dict, float]] | None = None) -> dict:
+    """Step time, step memory, trainable parameters and optimizer state of training `params` on `batch`, or
+    on the batch's length-sorted `parts` (each with its share of the batch's loss weights), as train_loop
+    runs them on CPU."""
     from nestune.train import response_loss
 
     # The floor trains nothing, and AdamW refuses an empty parameter list: it has no optimizer step.
@@ -252,7 +255,8 @@ def train_steps(model, batch: dict, cfg, params: dict, lr: float, repeats: int, 
         if params else None
 
     def step():
-        response_loss(model, batch, cfg).backward()
+        for part, share in parts or [(batch, 1.0)]:
+            (response_loss(model, part, cfg) * share).backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -271,7 +275,7 @@ def train_steps(model, batch: dict, cfg, params: dict, lr: float, repeats: int, 
 def bench_train(model, tokenizer, prompts: dict, repeats: int, device: torch.device, seed: int) -> dict:
     from nestune.baselines import attach_lora, trainable_parameters
     from nestune.config import Config
-    from nestune.train import METHOD_LR, collate, tokenize_examples
+    from nestune.train import METHOD_LR, collate, length_parts, tokenize_examples
 
     cfg = Config()
     rows = ([{"kind": "harmful", "prompt": p, "response": REFUSAL} for p in prompts["train_harmful"]]
@@ -301,6 +305,14 @@ def bench_train(model, tokenizer, prompts: dict, repeats: int, device: torch.dev
                                     repeats, device)
         methods[name]["n_rows"] = sum(len(s.rows) for s in adapter.specs)
         methods[name]["n_updates"] = sum(s.k for s in adapter.specs)
+        if name == "nest":  # the same batch as train_loop runs it on CPU (train.split_by_length)
+            say("nest, length-sorted parts")
+            cut = length_parts([len(e.input_ids) for e in examples])
+            parts = [(collate([examples[i] for i in part], tokenizer.pad_token_id, device), len(part) / len(examples))
+                     for part in cut]  # every loss weight is 1 here
+            methods["nest_parts"] = train_steps(model, batch, cfg, dict(adapter.named_parameters()),
+                                                METHOD_LR[name], repeats, device, parts=parts)
+            methods["nest_parts"]["parts"] = [len(part) for part in cut]
         adapter.detach()
 
     # (c) LoRA on every decoder linear; unloaded afterwards, which puts the original modules back.
@@ -504,6 +516,9 @@ def figures(results: dict) -> list[dict]:
         add("train.nest_vs_lora", "NeST step time / LoRA r=8", step["nest"] / step["lora"], 0.9)
         add("train.nest_vs_full", "NeST step time / full fine-tuning", step["nest"] / step["full"], 0.6)
         add("train.nest_vs_neurons", "NeST step time / per-neuron", step["nest"] / step["neurons"])
+        if "nest_parts" in step:  # results written before it was measured lack it
+            add("train.parts_vs_whole", "NeST step time, length-sorted parts / whole padded batch",
+                step["nest_parts"] / step["nest"])
         add("train.nest_peak_vs_lora", "NeST peak step memory / LoRA's",
             m["nest"]["peak_bytes"] / max(1, m["lora"]["peak_bytes"]), 1.0)
         add("train.nest_peak_vs_full", "NeST peak step memory / full fine-tuning's",
@@ -554,8 +569,11 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         t = results["train"]
         rows = []
         for name, label in (("floor", "floor: frozen fwd+bwd to inputs"), ("nest", "NeST"),
+                            ("nest_parts", "NeST, the batch in length-sorted parts"),
                             ("lora", "LoRA r=8, all decoder linears"), ("full", "full fine-tuning"),
                             ("neurons", "per-neuron updates")):
+            if name not in t["methods"]:
+                continue
             r = t["methods"][name]
             rows.append([label, _s(r["step_s"]), _mb(r["peak_bytes"]), f"{r['trainable_params']:,}",
                          _mb(r["optimizer_state_bytes"])])

@@ -32,7 +32,9 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     assert results["machine"]["cpu_count"] > 0 and results["machine"]["torch"]
 
     methods = results["train"]["methods"]
-    assert set(methods) == {"floor", "nest", "lora", "full", "neurons"}
+    assert set(methods) == {"floor", "nest", "nest_parts", "lora", "full", "neurons"}
+    assert sum(methods["nest_parts"]["parts"]) == results["train"]["batch"]["examples"]
+    assert methods["nest_parts"]["trainable_params"] == methods["nest"]["trainable_params"]
     for name, m in methods.items():
         assert m["step_s"]["median"] > 0 and m["peak_bytes"] > 0, name
     assert methods["floor"]["trainable_params"] == 0

@@ -90,16 +90,22 @@ def test_logits_cover_the_longest_response_and_one_position_before_it():
     assert logits_width(nothing) == 1
 
 
-def small_run(tmp_path, schedule: str, loss_fn=None):
-    """train_loop on a tiny llama whose last layer's down projection is the only trainable tensor."""
-    from nestune.train import train_loop
-
+def down_proj_only():
+    """A tiny llama (seed 0) whose last layer's down projection is the only trainable tensor."""
     torch.manual_seed(0)
     model = tiny_model("llama")
     for p in model.parameters():
         p.requires_grad_(False)
     weight = model.model.layers[-1].mlp.down_proj.weight
     weight.requires_grad_(True)
+    return model, weight
+
+
+def small_run(tmp_path, schedule: str, loss_fn=None):
+    """train_loop on down_proj_only's model."""
+    from nestune.train import train_loop
+
+    model, weight = down_proj_only()
     cfg = Config()
     cfg.train.lr, cfg.train.lr_schedule, cfg.train.batch_size = 1e-2, schedule, 2
     cfg.train.epochs = 2  # of 2 steps each
@@ -168,3 +174,51 @@ def test_grouping_by_length_cuts_padding():
     plain = padded(epoch_batches(lengths, 8, False, random.Random(0)))
     grouped = padded(epoch_batches(lengths, 8, True, random.Random(0)))
     assert grouped < 0.9 * plain and grouped >= sum(lengths)
+
+
+def test_length_parts_cut_a_batch_where_padding_costs_more_than_a_forward():
+    from nestune.train import length_parts
+
+    lengths = [100, 10, 12, 98, 11, 101, 9, 99]
+    # one part: 8 x 101 + 64 = 872 tokens' worth; short and long apart: 4 x 12 + 64 + 4 x 101 + 64 = 580
+    assert length_parts(lengths, overhead=64) == [[6, 1, 4, 2], [3, 7, 0, 5]]
+    assert length_parts(lengths, overhead=10_000) == [[6, 1, 4, 2, 3, 7, 0, 5]]  # a forward dearer than padding
+    assert length_parts(lengths, overhead=0) == [[i] for i in [6, 1, 4, 2, 3, 7, 0, 5]]
+    assert length_parts([50, 50, 50]) == [[0, 1, 2]]
+
+
+def test_length_split_batches_make_the_update_of_whole_batches(tmp_path):
+    # Two short and two long examples per batch of 4: split, they run as two forwards, each loss weighted by
+    # its share of the batch's loss weights (benign rows weigh 2 here); the weights after two steps must be
+    # those of training on the whole padded batches.
+    from nestune.train import train_loop
+
+    rows = []
+    # the short part is harmful, the long one benign: their loss weights differ from their example counts
+    for i, (n_prompt, n_response, benign) in enumerate([(3, 2, False), (120, 30, True), (2, 3, False),
+                                                          (110, 25, True)] * 2):
+        ids = [(7 * i + 3 * j) % 90 + 5 for j in range(n_prompt + n_response)]
+        rows.append(Example(ids, [-100] * n_prompt + ids[n_prompt:], benign))
+
+    def trained(split: bool):
+        model, weight = down_proj_only()
+        start = weight.detach().clone()
+        cfg = Config()
+        cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.benign_weight = 1e-2, 4, 1, 2.0
+        cfg.train.split_by_length = split
+        forwards = []
+
+        def loss_fn(m, batch):
+            forwards.append(batch["input_ids"].shape)
+            return response_loss(m, batch, cfg)
+
+        stats = train_loop(model, {"w": weight}, rows, cfg, tmp_path / str(split), loss_fn=loss_fn)
+        return weight.detach().clone(), stats, forwards, start
+
+    whole, whole_stats, whole_forwards, start = trained(False)
+    split, split_stats, split_forwards, _ = trained(True)
+    assert len(whole_forwards) == 2 and len(split_forwards) == 4
+    assert sum(r * w for r, w in split_forwards) < 0.6 * sum(r * w for r, w in whole_forwards)
+    assert (whole - start).abs().max() > 1e-3  # training moved the weights
+    assert torch.allclose(split, whole, atol=1e-6, rtol=1e-5)
+    assert split_stats["losses"] == pytest.approx(whole_stats["losses"], rel=1e-5)

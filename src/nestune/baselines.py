@@ -398,8 +398,9 @@ def train_circuit_breakers(loaded: LoadedModel, cfg: Config, rows: list[dict],
     if is_main(accelerator):
         print(f"training circuit-breakers: {trainable:,} trainable parameters (LoRA r={CB_LORA_R} on layers "
               f"0..{lora_layers[-1]}, rerouting at {targets}, {complied} harmful completions)", flush=True)
+    # its loss is a mean over the batch's tokens, and its schedule counts loss calls: whole batches only
     stats = train_loop(peft_model, params, examples, cfg, folder, loss_fn=loss_fn,
-                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator)
+                       pad_id=loaded.tokenizer.pad_token_id, accelerator=accelerator, split_by_length=False)
     if is_main(accelerator):
         save_peft(peft_model, loaded, cfg, folder, "circuit-breakers", trainable)
     info = {"trainable_params": trainable,

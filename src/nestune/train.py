@@ -417,9 +417,34 @@ def epoch_batches(lengths: list[int], batch_size: int, group_by_length: bool, rn
     return batches
 
 
+# A forward's fixed cost in padded tokens' worth, for length_parts: on smollm2-135m (CPU, fp32) a training epoch
+# took the same time with 50 and 100 and 0.86x the time of whole batches (BENCHMARKS.md).
+PART_OVERHEAD_TOKENS = 64
+
+
+def length_parts(lengths: list[int], overhead: int = PART_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Split one batch (positions into `lengths`) into length-sorted parts that cost the least padded compute.
+
+    A part of n examples padded to its longest costs n x longest + `overhead` tokens; the cheapest cut of the
+    sorted batch is found exactly (dynamic programming over the cut points; a batch is a few examples).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for begin in range(end):
+            cost = best[begin] + (end - begin) * lengths[order[end - 1]] + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    parts, end = [], len(order)
+    while end:
+        parts.append(order[cut[end]:end])
+        end = cut[end]
+    return parts[::-1]
+
+
 def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Example], cfg: Config,
                folder: Path, loss_fn=None, pad_id: int = 0, accelerator=None,
-               lr_scales: dict[str, float] | None = None, after_step=None) -> dict:
+               lr_scales: dict[str, float] | None = None, after_step=None, split_by_length: bool = True) -> dict:
     """AdamW on `params` over `examples` for cfg.train.epochs (or max_steps); resumable per epoch.
 
     `loss_fn(model, batch)` defaults to `response_loss`. `lr_scales` multiplies the lr of the named
@@ -429,6 +454,10 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
     With an `accelerator` of N processes, each takes every N-th example of each micro-batch, weights its loss by
     its share of the batch, and the gradients are averaged over the processes before each step: the update is
     the one a single process computes from the whole batch (exactly so for per-example mean losses).
+    With `split_by_length` (cfg.train.split_by_length, on CPU and unsharded only) each process's share of a
+    batch runs as length_parts, each part's loss weighted by its share of the examples' loss weights
+    (train.benign_weight): the same update as the padded whole, up to float rounding. Losses that are not a
+    weighted mean over examples (circuit breakers') must not be split.
     """
     t = cfg.train
     if not examples:
@@ -458,6 +487,8 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
         print(f"resuming training after epoch {position['epoch']} (step {position['step']})", flush=True)
     device = input_device(model)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext())
+    # sharded parameters gather in every forward, so every process must run the same number of them
+    split = split_by_length and t.split_by_length and device.type == "cpu" and not sharded
     start, step = time.perf_counter(), position["step"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -479,14 +510,20 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
             for idx in group:
                 mine = idx[rank::world]
                 share = len(mine) * world / len(idx)  # 1 with one process; 0 for a process left without examples
-                batch = collate([examples[j] for j in mine or idx[:1]], pad_id, device)
-                with autocast:
-                    loss = loss_fn(model, batch) * (share / len(group))
-                if accelerator is not None:
-                    accelerator.backward(loss)
-                else:
-                    loss.backward()
-                loss_sum += loss.item()
+                mine = mine or idx[:1]
+                parts = [[mine[k] for k in part] for part in length_parts([lengths[j] for j in mine])] if split \
+                    else [mine]
+                weight = {j: t.benign_weight if examples[j].benign else 1.0 for j in mine}
+                for part in parts:
+                    part_share = share * sum(weight[j] for j in part) / sum(weight.values())
+                    batch = collate([examples[j] for j in part], pad_id, device)
+                    with autocast:
+                        loss = loss_fn(model, batch) * (part_share / len(group))
+                    if accelerator is not None:
+                        accelerator.backward(loss)
+                    else:
+                        loss.backward()
+                    loss_sum += loss.item()
             if world > 1:
                 loss_sum = average_loss(loss_sum, world) if sharded else average_gradients(params, loss_sum, world)
             optimizer.step()
