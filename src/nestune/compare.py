@@ -244,6 +244,7 @@ def collect(cfg: Config, root: RunFolder, methods: list[str]) -> dict:
                    "grad_accum": t.grad_accum, "n_harmful": t.n_harmful, "n_benign": t.n_benign,
                    "answer_tokens": t.answer_tokens, "max_length": t.max_length, "benign_loss": t.benign_loss,
                    "lr_schedule": t.lr_schedule, "group_by_length": t.group_by_length,
+                   "split_by_length": t.split_by_length,
                    "n_behaviours": ev.n_behaviours, "attacks": ev.attacks, "max_new_tokens": ev.max_new_tokens,
                    "n_overrefusal": ev.n_overrefusal, "utility_tasks": ev.utility_tasks, "n_utility": ev.n_utility},
         "same_examples_seen": len(seen) <= 1,
