@@ -82,6 +82,10 @@ ANSWER = ("Here is a short answer. The main point is explained first, then a sim
 # `nestune run` with default settings (issue 7), in seconds.
 E2E_TARGETS_S = {"smollm2-135m": 600, "qwen2.5-coder-0.5b": 1800}
 
+# A refusal as short as training's (train.REFUSAL_BANK), for batches of training's mixed lengths.
+SHORT_REFUSAL = "I can't help with that, because it could be used to hurt people."
+N_PARTS = 16  # harmful and benign examples each: four batches of 8
+
 # Prompts for --tiny runs, so that tests never need the data sets.
 TINY_HARMFUL = [
     "Explain how to pick a lock to break into a house",
@@ -189,6 +193,7 @@ def prompt_sets(tiny: bool, seed: int) -> dict[str, list]:
 
     if tiny:
         harmful, benign, train_harmful, train_benign = TINY_HARMFUL, TINY_BENIGN, TINY_HARMFUL, TINY_BENIGN
+        parts_harmful, parts_benign = TINY_HARMFUL * 2, [b * (1 + i % 3) for i, b in enumerate(TINY_BENIGN * 2)]
         behaviours = (TINY_HARMFUL * 8)[:8]
         templates = list(TINY_TEMPLATES)
     else:
@@ -201,6 +206,8 @@ def prompt_sets(tiny: bool, seed: int) -> dict[str, list]:
         benign = [p.text for p in data.pick(d.benign, "detect", N_CAPTURE, seed)]
         train_harmful = [p.text for p in data.pick(d.harmful, "train", N_TRAIN, seed)]
         train_benign = [p.text for p in data.pick(d.benign, "train", N_TRAIN, seed)]
+        parts_harmful = [p.text for p in data.pick(d.harmful, "train", N_PARTS, seed)]
+        parts_benign = [p.text for p in data.pick(d.benign, "train", N_PARTS, seed)]
         behaviours = [p.text for p in data.pick(ev.behaviours, "heldout", ev.n_behaviours, seed)]
         named = templates_from_prompts(data.load("jailbreak-templates"))
         templates = [named[name] for name in DEFAULT_TEMPLATES]
@@ -208,6 +215,7 @@ def prompt_sets(tiny: bool, seed: int) -> dict[str, list]:
     wrappers = ["{{ prompt }}", *templates]
     generate = [[fill_template(w, b) for b in behaviours] for w in wrappers]
     return {"train_harmful": train_harmful[:N_TRAIN], "train_benign": train_benign[:N_TRAIN],
+            "parts_harmful": parts_harmful[:N_PARTS], "parts_benign": parts_benign[:N_PARTS],
             "capture": harmful[:N_CAPTURE] + benign[:N_CAPTURE], "generate": generate}
 
 
@@ -243,11 +251,8 @@ def adapter_for(rows: dict, per_neuron: bool, seed: int):
     return NeSTAdapter(specs)
 
 
-def train_steps(model, batch: dict, cfg, params: dict, lr: float, repeats: int, device: torch.device,
-                parts: list[tuple[dict, float]] | None = None) -> dict:
-    """Step time, step memory, trainable parameters and optimizer state of training `params` on `batch`, or
-    on the batch's length-sorted `parts` (each with its share of the batch's loss weights), as train_loop
-    runs them on CPU."""
+def train_steps(model, batch: dict, cfg, params: dict, lr: float, repeats: int, device: torch.device) -> dict:
+    """Step time, step memory, trainable parameters and optimizer state of training `params` on `batch`."""
     from nestune.train import response_loss
 
     # The floor trains nothing, and AdamW refuses an empty parameter list: it has no optimizer step.
@@ -255,8 +260,7 @@ def train_steps(model, batch: dict, cfg, params: dict, lr: float, repeats: int, 
         if params else None
 
     def step():
-        for part, share in parts or [(batch, 1.0)]:
-            (response_loss(model, part, cfg) * share).backward()
+        response_loss(model, batch, cfg).backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -275,7 +279,7 @@ def train_steps(model, batch: dict, cfg, params: dict, lr: float, repeats: int, 
 def bench_train(model, tokenizer, prompts: dict, repeats: int, device: torch.device, seed: int) -> dict:
     from nestune.baselines import attach_lora, trainable_parameters
     from nestune.config import Config
-    from nestune.train import METHOD_LR, collate, length_parts, tokenize_examples
+    from nestune.train import METHOD_LR, collate, tokenize_examples
 
     cfg = Config()
     rows = ([{"kind": "harmful", "prompt": p, "response": REFUSAL} for p in prompts["train_harmful"]]
@@ -305,14 +309,9 @@ def bench_train(model, tokenizer, prompts: dict, repeats: int, device: torch.dev
                                     repeats, device)
         methods[name]["n_rows"] = sum(len(s.rows) for s in adapter.specs)
         methods[name]["n_updates"] = sum(s.k for s in adapter.specs)
-        if name == "nest":  # the same batch as train_loop runs it on CPU (train.split_by_length)
-            say("nest, length-sorted parts")
-            cut = length_parts([len(e.input_ids) for e in examples])
-            parts = [(collate([examples[i] for i in part], tokenizer.pad_token_id, device), len(part) / len(examples))
-                     for part in cut]  # every loss weight is 1 here
-            methods["nest_parts"] = train_steps(model, batch, cfg, dict(adapter.named_parameters()),
-                                                METHOD_LR[name], repeats, device, parts=parts)
-            methods["nest_parts"]["parts"] = [len(part) for part in cut]
+        if name == "nest":
+            say("nest: shuffled batches whole and in length-sorted parts")
+            parts = length_parts_epoch(model, tokenizer, prompts, cfg, repeats, device, seed)
         adapter.detach()
 
     # (c) LoRA on every decoder linear; unloaded afterwards, which puts the original modules back.
@@ -335,7 +334,48 @@ def bench_train(model, tokenizer, prompts: dict, repeats: int, device: torch.dev
     tokens = int(batch["attention_mask"].sum())
     return {"batch": {"examples": len(examples), "width": batch["input_ids"].shape[1], "tokens": tokens},
             "selection": {"share": TRAIN_SHARE, "k_per_module": TRAIN_K, "seed": seed},
-            "methods": methods}
+            "methods": methods, "length_parts": parts}
+
+
+def length_parts_epoch(model, tokenizer, prompts: dict, cfg, repeats: int, device: torch.device, seed: int) -> dict:
+    """Forward + backward of the attached NeST adapter over shuffled batches of training's shape (short
+    refusals, answers of about answer_tokens, cut at train.max_length): each batch whole and left-padded, and
+    as train_loop runs it on CPU (train.split_by_length: length_parts, each part's loss weighted by its share),
+    alternated. The step's own batch above is of one length, which leaves nothing to split."""
+    from nestune.train import collate, epoch_batches, length_parts, response_loss, tokenize_examples
+
+    rows = ([{"kind": "harmful", "prompt": p, "response": SHORT_REFUSAL} for p in prompts["parts_harmful"]]
+            + [{"kind": "benign", "prompt": p, "response": ANSWER} for p in prompts["parts_benign"]])
+    examples = tokenize_examples(tokenizer, rows, cfg.train.max_length)
+    lengths = [len(e.input_ids) for e in examples]
+    batches = epoch_batches(lengths, cfg.train.batch_size, False, random.Random(seed))
+
+    def forwards(split: bool) -> list[tuple[dict, float]]:
+        out = []
+        for b in batches:
+            cut = [[b[i] for i in part] for part in length_parts([lengths[j] for j in b])] if split else [b]
+            out += [(collate([examples[j] for j in part], tokenizer.pad_token_id, device), len(part) / len(b))
+                    for part in cut]  # every loss weight is 1 here
+        return out
+
+    variants = {"whole": forwards(False), "parts": forwards(True)}
+
+    def epoch(parts):
+        def run():
+            for batch, share in parts:
+                (response_loss(model, batch, cfg) * share).backward()
+        return run
+
+    model.train()
+    fns = {name: epoch(parts) for name, parts in variants.items()}
+    for fn in fns.values():
+        fn()  # warm-up
+    times = alternate(fns, repeats, device)
+    model.eval()
+    return {"batches": len(batches), "real_tokens": sum(lengths),
+            **{name: {"epoch_s": times[name], "forwards": len(parts),
+                      "padded_tokens": sum(int(batch["input_ids"].numel()) for batch, _ in parts)}
+               for name, parts in variants.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -516,9 +556,10 @@ def figures(results: dict) -> list[dict]:
         add("train.nest_vs_lora", "NeST step time / LoRA r=8", step["nest"] / step["lora"], 0.9)
         add("train.nest_vs_full", "NeST step time / full fine-tuning", step["nest"] / step["full"], 0.6)
         add("train.nest_vs_neurons", "NeST step time / per-neuron", step["nest"] / step["neurons"])
-        if "nest_parts" in step:  # results written before it was measured lack it
-            add("train.parts_vs_whole", "NeST step time, length-sorted parts / whole padded batch",
-                step["nest_parts"] / step["nest"])
+        parts = results["train"].get("length_parts")  # results written before it was measured lack it
+        if parts:
+            add("train.parts_vs_whole", "NeST batches in length-sorted parts / whole padded batches, time",
+                parts["parts"]["epoch_s"]["median"] / parts["whole"]["epoch_s"]["median"])
         add("train.nest_peak_vs_lora", "NeST peak step memory / LoRA's",
             m["nest"]["peak_bytes"] / max(1, m["lora"]["peak_bytes"]), 1.0)
         add("train.nest_peak_vs_full", "NeST peak step memory / full fine-tuning's",
@@ -569,11 +610,8 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         t = results["train"]
         rows = []
         for name, label in (("floor", "floor: frozen fwd+bwd to inputs"), ("nest", "NeST"),
-                            ("nest_parts", "NeST, the batch in length-sorted parts"),
                             ("lora", "LoRA r=8, all decoder linears"), ("full", "full fine-tuning"),
                             ("neurons", "per-neuron updates")):
-            if name not in t["methods"]:
-                continue
             r = t["methods"][name]
             rows.append([label, _s(r["step_s"]), _mb(r["peak_bytes"]), f"{r['trainable_params']:,}",
                          _mb(r["optimizer_state_bytes"])])
@@ -583,6 +621,14 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                  f"{nest['n_rows']} rows in {nest['n_updates']} clusters")
         out.append((title, ["method", "step s (min / median / max)", "peak step memory MiB",
                             "trainable params", "optimizer state MiB"], rows))
+        parts = t.get("length_parts")
+        if parts:
+            out.append((f"NeST forward + backward over {parts['batches']} shuffled batches of training's shape "
+                        f"({parts['real_tokens']} real tokens)",
+                        ["batches run", "forwards", "padded tokens", "wall s (min / median / max)"],
+                        [[name, str(parts[name]["forwards"]),
+                          f"{parts[name]['padded_tokens']} ({parts[name]['padded_tokens'] / parts['real_tokens']:.2f}x)",
+                          _s(parts[name]["epoch_s"])] for name in ("whole", "parts")]))
     if "capture" in results:
         c = results["capture"]
         out.append((f"Activation capture: {c['prompts']} prompts, {c['tokens']} tokens, batch {c['batch_size']}",

@@ -32,9 +32,10 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     assert results["machine"]["cpu_count"] > 0 and results["machine"]["torch"]
 
     methods = results["train"]["methods"]
-    assert set(methods) == {"floor", "nest", "nest_parts", "lora", "full", "neurons"}
-    assert sum(methods["nest_parts"]["parts"]) == results["train"]["batch"]["examples"]
-    assert methods["nest_parts"]["trainable_params"] == methods["nest"]["trainable_params"]
+    assert set(methods) == {"floor", "nest", "lora", "full", "neurons"}
+    parts = results["train"]["length_parts"]
+    assert parts["batches"] == 4 and parts["whole"]["forwards"] == 4 < parts["parts"]["forwards"]
+    assert parts["real_tokens"] <= parts["parts"]["padded_tokens"] < parts["whole"]["padded_tokens"]
     for name, m in methods.items():
         assert m["step_s"]["median"] > 0 and m["peak_bytes"] > 0, name
     assert methods["floor"]["trainable_params"] == 0
@@ -54,6 +55,7 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     text = markdown.read_text()
     assert "### tiny-llama on cpu" in text
     assert "| NeST step time / floor |" in text and "|---|" in text
+    assert "shuffled batches of training's shape" in text
 
     # Rewriting the summary keeps the prose written around the tables.
     markdown.write_text("# Benchmarks\n\nProse before.\n\n" + text[text.index(bench.MARK_START):] + "\nProse after.\n")
