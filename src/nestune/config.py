@@ -88,8 +88,9 @@ class TrainConfig:
     # default
     group_by_length: bool = False
     # On CPU, run each batch as a few length-sorted parts and add their gradients (train.length_parts): the same
-    # examples and update as one padded forward, up to rounding, with less padding (smollm2-135m: 1.33x ->
-    # 1.14x the real tokens, training loop 0.91x the time; BENCHMARKS.md). Not on GPU, where it is unmeasured
+    # examples and update as one padded forward, up to rounding, with less padding (padded tokens 1.34x -> 1.09x
+    # the real ones and training loop 0.91x the time on smollm2-135m, 1.39x -> 1.11x and 0.78x on
+    # qwen2.5-coder-0.5b; BENCHMARKS.md). Not on GPU, where it is unmeasured
     split_by_length: bool = True
     # harmful examples that open affirmatively, then refuse (train.py). 0.5, measured: qwen over-refusal 45% -> 27.5%
     # at the same ASR, but smollm2-135m seeds 0-1 ASR 8.3/4.2% -> 12.5/22.5% (docs/experiments.md)
