@@ -342,7 +342,7 @@ def length_parts_epoch(model, tokenizer, prompts: dict, cfg, repeats: int, devic
     refusals, answers of about answer_tokens, cut at train.max_length): each batch whole and left-padded, and
     as train_loop runs it on CPU (train.split_by_length: length_parts, each part's loss weighted by its share),
     alternated. The step's own batch above is of one length, which leaves nothing to split."""
-    from nestune.train import collate, epoch_batches, length_parts, response_loss, tokenize_examples
+    from nestune.train import batch_parts, collate, epoch_batches, response_loss, tokenize_examples
 
     rows = ([{"kind": "harmful", "prompt": p, "response": SHORT_REFUSAL} for p in prompts["parts_harmful"]]
             + [{"kind": "benign", "prompt": p, "response": ANSWER} for p in prompts["parts_benign"]])
@@ -351,12 +351,8 @@ def length_parts_epoch(model, tokenizer, prompts: dict, cfg, repeats: int, devic
     batches = epoch_batches(lengths, cfg.train.batch_size, False, random.Random(seed))
 
     def forwards(split: bool) -> list[tuple[dict, float]]:
-        out = []
-        for b in batches:
-            cut = [[b[i] for i in part] for part in length_parts([lengths[j] for j in b])] if split else [b]
-            out += [(collate([examples[j] for j in part], tokenizer.pad_token_id, device), len(part) / len(b))
-                    for part in cut]  # every loss weight is 1 here
-        return out
+        return [(collate([examples[j] for j in part], tokenizer.pad_token_id, device), share)
+                for b in batches for part, share in batch_parts(examples, b, split, cfg.train.benign_weight)]
 
     variants = {"whole": forwards(False), "parts": forwards(True)}
 

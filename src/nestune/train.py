@@ -442,6 +442,16 @@ def length_parts(lengths: list[int], overhead: int = PART_OVERHEAD_TOKENS) -> li
     return parts[::-1]
 
 
+def batch_parts(examples: list[Example], idx: list[int], split: bool,
+                benign_weight: float) -> list[tuple[list[int], float]]:
+    """The forwards that run the batch `idx` (indices into `examples`): the whole batch, or its length_parts
+    when `split`, each with its share of the batch's loss weights (response_loss weighs benign rows by
+    `benign_weight`), so that the parts' weighted losses add up to the whole batch's."""
+    weights = [benign_weight if examples[j].benign else 1.0 for j in idx]
+    cuts = length_parts([len(examples[j].input_ids) for j in idx]) if split else [list(range(len(idx)))]
+    return [([idx[k] for k in cut], sum(weights[k] for k in cut) / sum(weights)) for cut in cuts]
+
+
 def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Example], cfg: Config,
                folder: Path, loss_fn=None, pad_id: int = 0, accelerator=None,
                lr_scales: dict[str, float] | None = None, after_step=None, split_by_length: bool = True) -> dict:
@@ -510,15 +520,10 @@ def train_loop(model, params: dict[str, torch.nn.Parameter], examples: list[Exam
             for idx in group:
                 mine = idx[rank::world]
                 share = len(mine) * world / len(idx)  # 1 with one process; 0 for a process left without examples
-                mine = mine or idx[:1]
-                parts = [[mine[k] for k in part] for part in length_parts([lengths[j] for j in mine])] if split \
-                    else [mine]
-                weight = {j: t.benign_weight if examples[j].benign else 1.0 for j in mine}
-                for part in parts:
-                    part_share = share * sum(weight[j] for j in part) / sum(weight.values())
+                for part, part_share in batch_parts(examples, mine or idx[:1], split, t.benign_weight):
                     batch = collate([examples[j] for j in part], pad_id, device)
                     with autocast:
-                        loss = loss_fn(model, batch) * (part_share / len(group))
+                        loss = loss_fn(model, batch) * (share * part_share / len(group))
                     if accelerator is not None:
                         accelerator.backward(loss)
                     else:
