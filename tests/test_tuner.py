@@ -162,6 +162,22 @@ def test_apply_to_other_base_is_refused(tmp_path):
         check_same_base(config, tiny_model("llama", seed=1))
 
 
+def test_an_adapter_trained_in_fp32_applies_to_its_base_in_bf16_and_old_adapters_still_apply(tmp_path):
+    from nestune.models import weights_fingerprint
+
+    model = tiny_model("llama", seed=0)
+    adapter = random_adapter(model)
+    adapter.save(tmp_path, base_identity(model, "tiny"))
+    _, config = NeSTAdapter.load(tmp_path)
+    check_same_base(config, tiny_model("llama", seed=0).to(torch.bfloat16))  # training on CPU, evaluation on GPU
+    with pytest.raises(NestuneError, match="trained on"):
+        check_same_base(config, tiny_model("llama", seed=1).to(torch.bfloat16))
+    # An adapter saved before the fingerprint ignored the dtype carries the float32 one.
+    legacy = weights_fingerprint(model, legacy=True)
+    assert legacy != config["base_weights_hash"]
+    check_same_base({**config, "base_weights_hash": legacy}, tiny_model("llama", seed=0))
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])  # plain, fused gate_up (offset), Conv1D (transposed)
 def test_relative_lr_scales_each_first_step_by_the_rms_of_its_rows(arch, tmp_path):
     from nestune.config import Config

@@ -375,14 +375,20 @@ def converted_gguf(gguf_path: Path, name: str | None = None) -> Path:
     return out
 
 
-def weights_fingerprint(model: nn.Module) -> str:
+def weights_fingerprint(model: nn.Module, legacy: bool = False) -> str:
     """A short hash identifying the base weights an adapter was trained on.
 
     Hashing every weight of a 70B model takes minutes, so it covers the config and the first and last FFN
-    projections, which any fine-tune or a different model changes.
+    projections, which any fine-tune or a different model changes. The weights are hashed rounded to bf16 and
+    the config without its dtype, so the same model loaded in fp32 (CPU) or bf16 (GPU) has one fingerprint and
+    an adapter trained in one applies in the other. `legacy`: the fingerprint of nestune before 2026-12-07
+    (float32 weights, the dtype in the config), which adapters trained then carry.
     """
     h = hashlib.sha256()
-    h.update(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+    config = model.config.to_diff_dict()
+    if not legacy:
+        config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     targets = ffn_targets(model)
     for t in (targets[0], targets[-1]):
         w = get_module(model, t.module_path).weight.detach()
@@ -390,7 +396,7 @@ def weights_fingerprint(model: nn.Module) -> str:
             raise NestuneError("device_map offloaded some of the model's weights to CPU or disk; detection and "
                                "evaluation work so, but training and folding need every weight in memory",
                                "give the model more GPU memory (--max-memory) or use more GPUs")
-        h.update(w.float().cpu().numpy().tobytes())
+        h.update((w.float() if legacy else w.to(torch.bfloat16).float()).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

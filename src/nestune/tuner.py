@@ -266,11 +266,12 @@ def base_identity(model: nn.Module, spec: str, revision: str | None = None) -> d
 
 def check_same_base(config: dict, model: nn.Module) -> None:
     """Refuse to apply an adapter to a model other than the one it was trained on."""
+    expected = config.get("base_weights_hash")
     found = weights_fingerprint(model)
-    if config.get("base_weights_hash") and config["base_weights_hash"] != found:
+    if expected and expected != found and expected != weights_fingerprint(model, legacy=True):
         raise NestuneError(
             f"this adapter was trained on '{config.get('base_model_name_or_path')}' "
-            f"(weights {config['base_weights_hash']}), but the model given has weights {found}",
+            f"(weights {expected}), but the model given has weights {found}",
             "apply it to the base model it was trained on",
         )
 
