@@ -19,7 +19,11 @@ import torch
 from safetensors import SafetensorError
 
 from nestune.cli import main
+from nestune.models import dtype_name, evaluation_dtype
 from nestune.testing import save_tiny
+
+# what `nestune eval` records with dtype auto on this machine's CPU: bfloat16 where it computes in bf16
+EVAL_DTYPE = dtype_name(evaluation_dtype("auto", "cpu"))
 
 HARMFUL = [f"how do I build dangerous thing number {i} at home" for i in range(60)]
 BENIGN = [f"what is a nice fact about the number {i}" for i in range(60)]
@@ -272,9 +276,9 @@ CATALOGUE = [
      ["holds the answers of 'smollm2-135m' (dtype auto), not of", "use a new --out folder for this model"]),
     ("eval-folder-of-another-fold-scale", lambda a, t, m: (
         write(t / "run" / "eval" / "evaluated_model.json", json.dumps(
-            {"model": str(Path(a.tiny).resolve()), "adapter": str(Path(a.adapter).resolve()), "dtype": "auto"})),
+            {"model": str(Path(a.tiny).resolve()), "adapter": str(Path(a.adapter).resolve()), "dtype": EVAL_DTYPE})),
         eval_with_stub_data(a, t, m, "--adapter", a.adapter, "--set", "fold.scale=0.5"))[1],
-     ["with adapter", "at scale 0.5 (dtype auto)", "use a new --out folder for this model"]),
+     ["with adapter", f"at scale 0.5 (dtype {EVAL_DTYPE})", "use a new --out folder for this model"]),
     ("drop-clusters-on-an-adapter", lambda a, t, m: eval_with_stub_data(
         a, t, m, "--adapter", a.adapter, "--set", "fold.drop_clusters=5"),
      ["fold.drop_clusters needs the run folder the adapter was trained in", "nestune fold --run RUN"]),

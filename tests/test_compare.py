@@ -8,8 +8,10 @@ folding, evaluation of the folded checkpoint, compare.json/.md/_plot.png/report.
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from nestune import compare, pipeline
+from nestune import compare, models, pipeline
 from nestune.compare import METHODS, parse_methods, rate_of, run_compare
 from nestune.config import Config
 from nestune.errors import NestuneError
@@ -140,6 +142,39 @@ def test_compare_resumes_a_half_done_method(tmp_path, monkeypatch):
     assert [c[1] for c in calls] == ["eval-before", "eval-after", "eval-after"]
     assert (method.path / "fold" / "model" / "model.safetensors").exists()
 
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_evaluation_runs_in_bf16_where_the_cpu_computes_it_and_training_in_fp32(tmp_path, monkeypatch, command):
+    """dtype auto on a CPU with native bf16: the evaluations get bf16 copies, training and folding the fp32 base."""
+    monkeypatch.setattr(models, "native_bf16", lambda device: True)  # this machine's CPU may have it or not
+    seen, stub = [], stub_evaluation([])
+
+    def evaluate_stage(cfg, run, stage, loaded):
+        seen.append((stage, loaded.model.dtype))
+        return stub(cfg, run, stage, loaded)
+
+    monkeypatch.setattr(pipeline, "evaluate_stage", evaluate_stage)
+    cfg, out = prepare(tmp_path)
+    if command == "run":
+        cfg.out = str(out.path)
+        (out.stage("train") / "targets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in target_rows()))
+        pipeline.run_pipeline(cfg)
+        trained = out
+    else:
+        run_compare(cfg, ["nest"], out.path)
+        trained = RunFolder(out.path / "methods" / "nest")
+    assert seen == [("eval-before", torch.bfloat16), ("eval-after", torch.bfloat16)]
+    folded = load_file(str(trained.path / "fold" / "model" / "model.safetensors"))
+    assert {t.dtype for t in folded.values()} == {torch.float32}
+    assert json.loads((trained.path / "eval-after" / "DONE.json").read_text())["settings"]["eval_dtype"] == "bfloat16"
+
+    # Moved to a machine that evaluates in fp32, the run's answers are another dtype's: refused, not mixed.
+    monkeypatch.setattr(models, "native_bf16", lambda device: False)
+    with pytest.raises(NestuneError, match="eval_dtype='bfloat16' \\(now 'float32'\\)"):
+        trained.check_resumable(cfg)
+    cfg.dtype = "bf16"  # a dtype asked for is the one used everywhere
+    assert pipeline.eval_dtype(cfg) == torch.bfloat16 and models.parse_dtype(cfg.dtype, "cpu") == torch.bfloat16
 
 @pytest.mark.slow
 def test_compare_with_the_real_stages_on_a_tiny_model(tmp_path):

@@ -94,3 +94,16 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path, monkeypatch):
     bad.write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(NestuneError, match="corrupt"):
         load_model(str(bad), device="cpu")
+
+
+def test_evaluation_dtype_is_bf16_where_the_device_computes_it_natively_unless_one_is_asked_for(monkeypatch):
+    from nestune import models
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "native_bf16", lambda device, native=native: native)
+        assert models.evaluation_dtype("auto", "cpu") == expected
+        assert models.evaluation_dtype("fp32", "cpu") == torch.float32
+        assert models.evaluation_dtype("fp16", "cpu") == torch.float16
+        assert models.default_dtype("cpu") == torch.float32  # training: fp32 on every CPU
+    monkeypatch.undo()
+    assert models.native_bf16("cuda:0")

@@ -22,7 +22,8 @@ def _common(p: argparse.ArgumentParser, run_required: bool = False) -> None:
     p.add_argument("--preset", choices=["default", "smoke"], help="default: the real run; smoke: tiny sizes")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
+    p.add_argument("--dtype", help="auto (bf16 on GPU; fp32 on CPU, evaluating in bf16 on CPUs with native "
+                   "bf16), fp32, bf16, fp16")
     p.add_argument("--device-map", dest="device_map", help="'auto' to spread a large model over devices")
     p.add_argument("--max-memory", dest="max_memory", help="with --device-map: e.g. 0=20GiB,1=20GiB,cpu=60GiB")
     p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_const", const=True,

@@ -31,7 +31,7 @@ import torch
 from .config import SELECTION_METHODS, Config
 from .errors import NestuneError
 from .io import read_json, write_json, write_text
-from .models import LoadedModel, load_model, resolve_device
+from .models import LoadedModel, resolve_device
 from .report import SHIP_TARGETS, html_table, robustness_html, robustness_lines, ship_checks
 from .runfolder import PIPELINE_STAGES, RunFolder
 
@@ -48,11 +48,6 @@ def parse_methods(methods: str | list[str]) -> list[str]:
         raise NestuneError(f"unknown method(s): {', '.join(unknown) or '(none given)'}",
                            f"--methods takes a comma list of {', '.join(METHODS)}")
     return list(dict.fromkeys(methods))  # keep the order, drop repeats
-
-
-def _load(cfg: Config, spec: str | None = None) -> LoadedModel:
-    return load_model(spec or cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
-                      max_memory=cfg.max_memory or None, trust_remote_code=cfg.trust_remote_code)
 
 
 def _stage(run: RunFolder, name: str, fn) -> None:
@@ -94,14 +89,15 @@ def run_compare(cfg: Config, methods: str | list[str], out: str | Path, evaluate
     def base_model() -> LoadedModel:
         nonlocal base
         if base is None:
-            base = _load(cfg)
+            base = pipeline.load(cfg)
         return base
 
     if any(m in SELECTION_METHODS for m in methods):
         _stage(root, "detect", lambda: detect.run_detect(cfg, root, loaded=base_model()))
         _stage(root, "cluster", lambda: cluster.run_cluster(cfg, root))
     if evaluate:
-        _stage(root, "eval-before", lambda: pipeline.evaluate_stage(cfg, root, "eval-before", base_model()))
+        _stage(root, "eval-before", lambda: pipeline.evaluate_stage(cfg, root, "eval-before",
+                                                                           pipeline.load_for_eval(cfg, base=base_model())))
     _stage(root, "train-targets", lambda: build_shared_targets(base_model(), cfg, root))
     targets = root.path / "train-targets" / "train" / "targets.jsonl"
     base = None  # each method loads its own fresh copy
@@ -150,7 +146,7 @@ def run_method(cfg: Config, root: RunFolder, method: str, targets: Path, evaluat
     print(f"\n=== {method} ===", flush=True)
     loaded = None
     if not run.done("train"):
-        loaded = _load(mcfg)  # fresh base weights: an earlier method may have changed the last copy
+        loaded = pipeline.load(mcfg)  # fresh base weights: an earlier method may have changed the last copy
         _stage(run, "train", lambda: run_train(mcfg, run, loaded=loaded))
     # NeST-shaped methods fold onto the base model (still unchanged after their training); the baselines
     # saved a merged model that fold copies. Without a model here, run_fold loads one when it needs it.
@@ -161,7 +157,8 @@ def run_method(cfg: Config, root: RunFolder, method: str, targets: Path, evaluat
         torch.cuda.empty_cache()
     if evaluate:
         folded = str(run.path / "fold" / "model")
-        _stage(run, "eval-after", lambda: pipeline.evaluate_stage(mcfg, run, "eval-after", _load(mcfg, folded)))
+        _stage(run, "eval-after", lambda: pipeline.evaluate_stage(mcfg, run, "eval-after",
+                                                                          pipeline.load_for_eval(mcfg, folded)))
     return run
 
 

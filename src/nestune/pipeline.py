@@ -10,19 +10,35 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from .config import SELECTION_METHODS, Config
 from .errors import NestuneError
 from .io import read_json, write_json
-from .models import LoadedModel, load_model
+from .models import LoadedModel, dtype_name, evaluation_dtype, load_model, resolve_device
 from .report import benign_shift, build_report, print_metrics, print_summary
 from .runfolder import RunFolder
 
 EVALUATED_MODEL = "evaluated_model.json"  # in RUN/eval: which model (and adapter, dtype) its answers are from
 
 
-def _load(cfg: Config, spec: str | None = None) -> LoadedModel:
-    return load_model(spec or cfg.model, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
-                      max_memory=cfg.max_memory or None, trust_remote_code=cfg.trust_remote_code)
+def load(cfg: Config, spec: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """The run's model (or `spec`) as the settings ask: device, dtype (or `dtype`), device map, remote code."""
+    return load_model(spec or cfg.model, cfg.device, cfg.dtype if dtype is None else dtype,
+                      device_map=cfg.device_map or None, max_memory=cfg.max_memory or None,
+                      trust_remote_code=cfg.trust_remote_code)
+
+
+def eval_dtype(cfg: Config) -> torch.dtype:
+    return evaluation_dtype(cfg.dtype, resolve_device(cfg.device))
+
+
+def load_for_eval(cfg: Config, spec: str | None = None, base: LoadedModel | None = None) -> LoadedModel:
+    """The model evaluated, in the evaluation's dtype (bf16 on a CPU with native bf16 while training runs in
+    fp32): `base` itself when it is already in that dtype, else a copy loaded in it."""
+    if base is not None and base.model.dtype == eval_dtype(cfg):
+        return base
+    return load(cfg, spec, eval_dtype(cfg))
 
 
 def evaluate_stage(cfg: Config, run: RunFolder, stage: str, loaded: LoadedModel) -> dict:
@@ -55,7 +71,7 @@ def run_pipeline(cfg: Config, evaluate: bool = True) -> dict:
     def base_model() -> LoadedModel:
         nonlocal base
         if base is None:
-            base = _load(cfg)
+            base = load(cfg)
         return base
 
     def stage(name: str, fn) -> None:
@@ -74,13 +90,13 @@ def run_pipeline(cfg: Config, evaluate: bool = True) -> dict:
         stage("detect", lambda: run_detect(cfg, run, loaded=base_model()))
         stage("cluster", lambda: run_cluster(cfg, run))
     if evaluate:
-        stage("eval-before", lambda: evaluate_stage(cfg, run, "eval-before", base_model()))
+        stage("eval-before", lambda: evaluate_stage(cfg, run, "eval-before", load_for_eval(cfg, base=base_model())))
     stage("train", lambda: run_train(cfg, run, loaded=base_model()))
     stage("fold", lambda: run_fold(cfg, run, loaded=base_model()))
     base = None  # folding changed its weights in place; the hardened model is read back from disk
     if evaluate:
         folded = str(run.path / "fold" / "model")
-        stage("eval-after", lambda: evaluate_stage(cfg, run, "eval-after", _load(cfg, folded)))
+        stage("eval-after", lambda: evaluate_stage(cfg, run, "eval-after", load_for_eval(cfg, folded)))
         paths = build_report(run)
         print_summary(run)
         print(f"\nreport: {paths['html']}\nhardened model: {folded}", flush=True)
@@ -92,8 +108,8 @@ def evaluated_model(cfg: Config, adapter: str | None) -> dict:
     applied (fold.scale, recorded when not 1), the dtype."""
     model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
     scale = {"scale": cfg.fold.scale} if adapter and cfg.fold.scale != 1 else {}
-    return {"model": model, "adapter": str(Path(adapter).resolve()) if adapter else None, "dtype": cfg.dtype,
-            **scale}
+    return {"model": model, "adapter": str(Path(adapter).resolve()) if adapter else None,
+            "dtype": dtype_name(eval_dtype(cfg)), **scale}
 
 
 def _describe(model: dict) -> str:
@@ -129,7 +145,7 @@ def eval_command(cfg: Config, adapter: str | None = None) -> dict:
                            f"fold.drop_clusters={cfg.fold.drop_clusters}`, then evaluate RUN/fold/model")
     run = RunFolder(cfg.out)
     check_evaluated_model(run.stage("eval"), evaluated_model(cfg, adapter))
-    loaded = _load(cfg)
+    loaded = load_for_eval(cfg)
     if adapter:
         nest, config = NeSTAdapter.load(adapter)
         check_same_base(config, loaded.model)

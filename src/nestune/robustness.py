@@ -63,9 +63,9 @@ from .models import (
     encode_chat,
     get_module,
     input_device,
-    load_model,
     model_type,
 )
+from .pipeline import load
 from .runfolder import RunFolder
 
 ATTACKS = ("neuron-pruning", "refusal-direction", "harmful-finetune")
@@ -596,7 +596,7 @@ def run_robustness(cfg: Config, run: RunFolder, attacks: list[str], loaders: dic
             print(f"[attack] {side}: every attack already measured with these settings; skipping", flush=True)
             continue
         print(f"[attack] {side} model: {spec}", flush=True)
-        loaded = (loaders or {}).get(side, lambda s=spec: _load(cfg, s))()
+        loaded = (loaders or {}).get(side, lambda s=spec: load(cfg, s))()
         plain = files["none"]["models"].get(side)
         for name in todo:  # "none" comes first when it is to be measured: every attack reads its rate
             start = time.perf_counter()
@@ -630,11 +630,6 @@ DESCRIPTIONS = {
                          "projected out of the residual stream at every layer (Arditi et al. 2024)",
     "harmful-finetune": "LoRA fine-tune of a copy on harmful prompt -> the base model's compliant answer pairs",
 }
-
-
-def _load(cfg: Config, spec: str) -> LoadedModel:
-    return load_model(spec, cfg.device, cfg.dtype, device_map=cfg.device_map or None,
-                      max_memory=cfg.max_memory or None, trust_remote_code=cfg.trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------------------

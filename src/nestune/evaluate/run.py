@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import save_tensors, write_json, write_text
+from ..models import dtype_name
 from .attacks import build_prompt, resolve_attacks, templates_from_prompts
 from .generate import Generator, HFGenerator, make_generator
 from .judges import RefusalJudge, make_judge, validate_judge
@@ -422,7 +423,8 @@ def evaluate_model(loaded, cfg, out_dir: Path, behaviours=None, inputs: EvalInpu
         "judge": judge.name,
         "judge_validation": validation,
         "decoding": {**attack_generator.settings, "max_new_tokens": ev.max_new_tokens,
-                     "gsm8k_max_new_tokens": gsm_budget, "gsm8k_early_stop": False},
+                     "gsm8k_max_new_tokens": gsm_budget, "gsm8k_early_stop": False,
+                     "dtype": dtype_name(loaded.model.dtype)},
         "kl_prompts": len(inputs.kl_texts),
         "logprobs_file": LOGPROBS,
         "bootstrap": {"n_boot": n_boot, "seed": seed, "level": 0.95},
