@@ -1,7 +1,7 @@
 """nestune's benchmark suite (issue 7): every figure is a ratio measured side by side, in one process.
 
     python benchmarks/run.py --model smollm2-135m [--device auto|cpu|cuda] [--dtype auto|fp32|bf16]
-                             [--repeats 5] [--sections train,capture,generate,e2e] [--run RUN]
+                             [--repeats 5] [--sections train,capture,generate,dtype,e2e] [--run RUN]
                              [--out benchmarks/results] [--markdown BENCHMARKS.md]
     python benchmarks/run.py --markdown-only     # rewrite BENCHMARKS.md's tables from the saved results
 
@@ -25,7 +25,11 @@ Sections (each figure is printed next to its target from the issue):
    attacks but prefill (plain and the 8 templates), greedy. The generator gets all attacks' prompts in chunks
    as the evaluation does. It also runs without early stopping, without prefix sharing (length-sorted
    batches), and at batch 8, so the share of the speedup that comes from each is shown apart.
-4. e2e: the stage wall times a finished `nestune run` wrote to RUN/timings.json (nothing is launched).
+4. dtype: the evaluation's work (a batched forward of the capture prompts; the evaluation generator, early
+   stop off, on three behaviours of every attack) on fp32 and bf16 copies of the model, alternated. With
+   dtype auto, nestune evaluates in bf16 where the device computes it natively (GPUs; CPUs with AVX512-BF16
+   or AMX: `machine.native_bf16` in the results), and trains in fp32 on every CPU.
+5. e2e: the stage wall times a finished `nestune run` wrote to RUN/timings.json (nothing is launched).
 
 Timing: each method or variant is warmed up once, then run --repeats times; min/median/max are kept and
 ratios use medians. Capture and generation variants alternate within each repeat, so a busy machine slows
@@ -54,12 +58,13 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("train", "capture", "generate", "e2e")
+SECTIONS = ("train", "capture", "generate", "dtype", "e2e")
 
 # NeST's selection size: smollm2-135m's detection selects ~220 of its 92,160 gate/up neurons (0.24%) in
 # ~92 clusters. The benchmark takes 0.25% of every module's rows, 2 clusters each: every FFN module gets a
@@ -521,6 +526,48 @@ def bench_generate(model, tokenizer, groups: list[list[str]], repeats: int, max_
 # 4. End to end
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 4. The evaluation's dtype
+
+
+def bench_dtype(model, tokenizer, prompts: dict, repeats: int, max_new_tokens: int, device: torch.device) -> dict:
+    """The evaluation's work on fp32 and bf16 copies of the same model, alternated: a batched forward of the
+    capture prompts (as multiple-choice scoring runs) and the evaluation generator on three behaviours of every
+    attack (early stop off, so both decode the same number of steps unless one reaches EOS first). With dtype
+    auto nestune evaluates in bf16 where the device computes it natively (models.evaluation_dtype)."""
+    import copy
+
+    from nestune.evaluate.generate import HFGenerator
+    from nestune.models import encode_chat
+
+    copies = {dtype: model if model.dtype == dtype else copy.deepcopy(model).to(dtype)
+              for dtype in (torch.float32, torch.bfloat16)}
+    texts = [text for group in prompts["generate"] for text in group[:3]]
+    batch = encode_chat(tokenizer, prompts["capture"][:16], 256, device=device)
+    answers: dict[str, list[str]] = {}
+
+    def forward(m):
+        with torch.inference_mode():
+            m(**batch)
+
+    def generate(m, name):
+        answers[name] = HFGenerator(m, tokenizer, batch_size=64, show_progress=False).generate(texts,
+                                                                                              max_new_tokens=max_new_tokens)
+
+    variants = {}
+    for dtype, m in copies.items():
+        name = str(dtype).removeprefix("torch.")
+        variants[f"forward_{name}"] = partial(forward, m)
+        variants[f"generate_{name}"] = partial(generate, m, name)
+    print("  dtype: warm-up", flush=True)
+    for fn in variants.values():
+        fn()
+    times = alternate(variants, repeats, device)
+    same = sum(a == b for a, b in zip(answers["float32"], answers["bfloat16"]))
+    return {"forward_tokens": int(batch["attention_mask"].sum()), "prompts": len(texts),
+            "max_new_tokens": max_new_tokens, "same_answers": same, "variants": {k: {"wall_s": t} for k, t in times.items()}}
+
+
 def bench_e2e(run_dir: str, name: str) -> dict:
     run = Path(run_dir)
     timings = json.loads((run / "timings.json").read_text())
@@ -575,6 +622,11 @@ def figures(results: dict) -> list[dict]:
                 v[name]["tokens_per_s"] / plain["tokens_per_s"], target, "higher")
             add(f"generate.{name}.wall", f"{label}: batch-8 generate wall time / its wall time",
                 plain["wall_s"]["median"] / v[name]["wall_s"]["median"], None, "higher")
+    if "dtype" in results:
+        v = results["dtype"]["variants"]
+        for kind, label in (("forward", "batched forward"), ("generate", "evaluation generation")):
+            add(f"dtype.{kind}", f"{label} time, bf16 / fp32",
+                v[f"{kind}_bfloat16"]["wall_s"]["median"] / v[f"{kind}_float32"]["wall_s"]["median"])
     if "e2e" in results and results["e2e"]["target_s"]:
         e = results["e2e"]
         add("e2e.total_minutes", f"`nestune run` wall time, minutes ({e['model']})", e["total_s"] / 60,
@@ -641,6 +693,12 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                             "new tokens/s"],
                     [[name, _s(v["wall_s"]), str(v["new_tokens"]), str(v["token_slots"]),
                       f"{v['tokens_per_s']:,.1f}"] for name, v in g["variants"].items()]))
+    if "dtype" in results:
+        d = results["dtype"]
+        out.append((f"The evaluation's work in fp32 and bf16: a forward of {d['forward_tokens']} tokens; generation of "
+                    f"{d['prompts']} prompts, up to {d['max_new_tokens']} new tokens ({d['same_answers']} answers the same "
+                    "in both)", ["variant", "wall s (min / median / max)"],
+                    [[name, _s(v["wall_s"])] for name, v in d["variants"].items()]))
     if "e2e" in results:
         e = results["e2e"]
         rows = [[stage, f"{s:,.1f}"] for stage, s in e["stages_s"].items()] + [["total", f"{e['total_s']:,.1f}"]]
@@ -708,12 +766,14 @@ def machine_info(model, device: torch.device) -> dict:
     import transformers
 
     import nestune
+    from nestune.models import native_bf16
 
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg()), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "nestune": nestune.__version__,
-            "git": _git_version(), "device": device.type, "dtype": str(next(model.parameters()).dtype)}
+            "git": _git_version(), "device": device.type, "dtype": str(next(model.parameters()).dtype),
+            "native_bf16": native_bf16(device.type)}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
@@ -800,6 +860,8 @@ def run_benchmarks(args, argv: list[str]) -> dict:
                                              prompts["generate"], args.repeats, args.max_new_tokens, device)
         results["generate"]["model"] = args.generate_model or name
         del gen  # the sections after use the benchmarked model
+    if "dtype" in args.sections:
+        results["dtype"] = bench_dtype(model, tokenizer, prompts, args.repeats, args.max_new_tokens, device)
     if "train" in args.sections:
         results["train"] = bench_train(model, tokenizer, prompts, args.repeats, device, args.seed)
     if "e2e" in args.sections:

@@ -23,11 +23,11 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     out, markdown = tmp_path / "results", tmp_path / "BENCHMARKS.md"
     # One thread: on a busy machine torch's thread barriers make a two-thread run of tiny ops very slow.
     bench.main(["--tiny", "llama", "--repeats", "1", "--threads", "1", "--max-new-tokens", "8",
-                "--sections", "train,capture,generate,e2e", "--run", str(run),
+                "--sections", "train,capture,generate,dtype,e2e", "--run", str(run),
                 "--out", str(out), "--markdown", str(markdown)])
 
     results = json.loads((out / "tiny-llama-cpu.json").read_text())
-    for key in ("machine", "train", "capture", "generate", "e2e", "figures"):
+    for key in ("machine", "train", "capture", "generate", "dtype", "e2e", "figures"):
         assert key in results
     assert results["machine"]["cpu_count"] > 0 and results["machine"]["torch"]
 
@@ -50,12 +50,17 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     for variant in results["generate"]["variants"].values():
         assert variant["new_tokens"] > 0 and variant["tokens_per_s"] > 0
     assert results["e2e"]["total_s"] == 7.0
+    dtype = results["dtype"]
+    assert set(dtype["variants"]) == {"forward_float32", "forward_bfloat16", "generate_float32", "generate_bfloat16"}
+    assert dtype["prompts"] == 3 * (1 + len(bench.TINY_TEMPLATES))  # three behaviours of each attack
+    assert isinstance(results["machine"]["native_bf16"], bool)
+    assert {"dtype.forward", "dtype.generate"} <= {f["key"] for f in results["figures"]}
     assert all(f["value"] > 0 for f in results["figures"])
 
     text = markdown.read_text()
     assert "### tiny-llama on cpu" in text
     assert "| NeST step time / floor |" in text and "|---|" in text
-    assert "shuffled batches of training's shape" in text
+    assert "shuffled batches of training's shape" in text and "The evaluation's work in fp32 and bf16" in text
 
     # Rewriting the summary keeps the prose written around the tables.
     markdown.write_text("# Benchmarks\n\nProse before.\n\n" + text[text.index(bench.MARK_START):] + "\nProse after.\n")

@@ -96,8 +96,8 @@ def run_compare(cfg: Config, methods: str | list[str], out: str | Path, evaluate
         _stage(root, "detect", lambda: detect.run_detect(cfg, root, loaded=base_model()))
         _stage(root, "cluster", lambda: cluster.run_cluster(cfg, root))
     if evaluate:
-        _stage(root, "eval-before", lambda: pipeline.evaluate_stage(cfg, root, "eval-before",
-                                                                           pipeline.load_for_eval(cfg, base=base_model())))
+        before = lambda: pipeline.load_for_eval(cfg, base=base_model())  # noqa: E731
+        _stage(root, "eval-before", lambda: pipeline.evaluate_stage(cfg, root, "eval-before", before()))
     _stage(root, "train-targets", lambda: build_shared_targets(base_model(), cfg, root))
     targets = root.path / "train-targets" / "train" / "targets.jsonl"
     base = None  # each method loads its own fresh copy
@@ -157,8 +157,8 @@ def run_method(cfg: Config, root: RunFolder, method: str, targets: Path, evaluat
         torch.cuda.empty_cache()
     if evaluate:
         folded = str(run.path / "fold" / "model")
-        _stage(run, "eval-after", lambda: pipeline.evaluate_stage(mcfg, run, "eval-after",
-                                                                          pipeline.load_for_eval(mcfg, folded)))
+        after = lambda: pipeline.load_for_eval(mcfg, folded)  # noqa: E731
+        _stage(run, "eval-after", lambda: pipeline.evaluate_stage(mcfg, run, "eval-after", after()))
     return run
 
 

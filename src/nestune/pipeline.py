@@ -1,8 +1,9 @@
 """`nestune run`: detect -> cluster -> evaluate the base -> train -> fold -> evaluate the hardened model -> report.
 
 Each stage is skipped when its DONE.json exists in the run folder, so a killed run resumes where it
-stopped. The base model is loaded once; the hardened model is evaluated from the folded checkpoint on
-disk, which also proves that the checkpoint loads as a plain Hugging Face model.
+stopped. The base model is loaded once (and once more in bf16 for its evaluation where the CPU computes bf16
+natively while training runs in fp32: models.evaluation_dtype); the hardened model is evaluated from the folded
+checkpoint on disk, which also proves that the checkpoint loads as a plain Hugging Face model.
 """
 
 from __future__ import annotations
