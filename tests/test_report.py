@@ -131,6 +131,27 @@ def test_results_without_per_item_outcomes_have_no_change(tmp_path):
     assert collect_results(run)["change"] is None
 
 
+
+def test_evaluations_in_two_dtypes_are_flagged(tmp_path, capsys):
+    """A run resumed on a machine that evaluates in bf16, whose evaluation before ran in fp32 (or predates the
+    record), compares two precisions' answers: results.json, report.md and the terminal say so."""
+    from nestune.report import build_report
+
+    run = RunFolder(tmp_path / "run")
+    rate = {"overrefusal": {"rate": 0.1, "ci": [0, 0.2], "n": 10}}
+    (run.stage("eval-before") / "metrics.json").write_text(json.dumps({**rate, "decoding": {"greedy": True}}))
+    (run.stage("eval-after") / "metrics.json").write_text(json.dumps({**rate, "decoding": {"dtype": "bfloat16"}}))
+    build_report(run)
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["mixed_eval_dtypes"] == {"before": "not recorded", "after": "bfloat16"}
+    assert "the changes compare two precisions" in (run.path / "report.md").read_text()
+    assert "delete " + str(run.path / "eval-before") in capsys.readouterr().out
+
+    (run.stage("eval-before") / "metrics.json").write_text(json.dumps({**rate, "decoding": {"dtype": "bfloat16"}}))
+    build_report(run)
+    assert json.loads((run.path / "results.json").read_text())["mixed_eval_dtypes"] is None
+    assert "two precisions" not in (run.path / "report.md").read_text() + capsys.readouterr().out
+
 def report_of(tmp_path, before: dict, after: dict) -> tuple[dict, list[str]]:
     """Build a report from two metrics.json files with the given rates ({key: rate}); (results.json, report.md lines)."""
     from nestune.report import build_report

@@ -86,6 +86,17 @@ def paired_changes(before: dict | None, after: dict | None) -> dict | None:
     return outcome_changes(before["outcomes"], after["outcomes"], boot.get("n_boot", 1000), boot.get("seed", 0))
 
 
+def mixed_eval_dtypes(before: dict | None, after: dict | None) -> dict | None:
+    """{"before": dtype, "after": dtype} when the two evaluations ran in different dtypes ("not recorded" for an
+    evaluation by a nestune before 2026-12-07, which ran fp32 on CPU), else None: the paired changes of such a run
+    compare the answers of two precisions."""
+    if not (before and after):
+        return None
+    dtypes = {side: (m.get("decoding") or {}).get("dtype", "not recorded") for side, m in (("before", before),
+                                                                                          ("after", after))}
+    return dtypes if dtypes["before"] != dtypes["after"] else None
+
+
 def collect_results(run: RunFolder) -> dict:
     """Gather every stage's summary into results.json."""
     cfg = run.saved_config() or {}
@@ -116,6 +127,11 @@ def collect_results(run: RunFolder) -> dict:
         "benign_shift": benign_shift(run),
         "timings_s": _maybe(run.path / "timings.json"),
     }
+    results["mixed_eval_dtypes"] = mixed = mixed_eval_dtypes(before, after)
+    if mixed:
+        print(f"warning: the evaluation before ran in {mixed['before']} and the evaluation after in {mixed['after']}, "
+              f"so the changes compare two precisions -- delete {run.path / 'eval-before'} and rerun to evaluate the "
+              "base model again", flush=True)
     results["benign_kl"] = (results["benign_shift"] or {}).get("kl")
     results["behaviours"] = behaviour_sets(cfg) if train and any_eval else None
     results["checks"] = ship_checks(results)
@@ -362,6 +378,10 @@ def render_markdown(results: dict) -> str:
                          f"{v.get('accuracy', 0):.3f}, precision {v.get('precision', 0):.3f}, recall "
                          f"{v.get('recall', 0):.3f}")
     lines.append(f"- decoding: {results.get('decoding')}")
+    if results.get("mixed_eval_dtypes"):
+        mixed = results["mixed_eval_dtypes"]
+        lines.append(f"- **warning:** the evaluation before ran in {mixed['before']}, the evaluation after in "
+                     f"{mixed['after']}: the changes compare two precisions")
     lines += behaviours_line(results.get("behaviours"))
     lines += ["", "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(results)]
