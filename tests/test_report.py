@@ -143,7 +143,7 @@ def test_evaluations_in_two_dtypes_are_flagged(tmp_path, capsys):
     (run.stage("eval-after") / "metrics.json").write_text(json.dumps({**rate, "decoding": {"dtype": "bfloat16"}}))
     build_report(run)
     results = json.loads((run.path / "results.json").read_text())
-    assert results["mixed_eval_dtypes"] == {"before": "not recorded", "after": "bfloat16"}
+    assert results["mixed_eval_dtypes"] == {"before": "an unrecorded dtype", "after": "bfloat16"}
     assert "the changes compare two precisions" in (run.path / "report.md").read_text()
     assert "delete " + str(run.path / "eval-before") in capsys.readouterr().out
 

@@ -87,13 +87,13 @@ def paired_changes(before: dict | None, after: dict | None) -> dict | None:
 
 
 def mixed_eval_dtypes(before: dict | None, after: dict | None) -> dict | None:
-    """{"before": dtype, "after": dtype} when the two evaluations ran in different dtypes ("not recorded" for an
-    evaluation by a nestune before 2026-12-07, which ran fp32 on CPU), else None: the paired changes of such a run
-    compare the answers of two precisions."""
+    """{"before": dtype, "after": dtype} when the two evaluations ran in different dtypes ("an unrecorded dtype"
+    for an evaluation by a nestune before 2026-12-07, which ran fp32 on CPU), else None: the paired changes of
+    such a run compare the answers of two precisions."""
     if not (before and after):
         return None
-    dtypes = {side: (m.get("decoding") or {}).get("dtype", "not recorded") for side, m in (("before", before),
-                                                                                          ("after", after))}
+    dtypes = {side: (m.get("decoding") or {}).get("dtype", "an unrecorded dtype")
+              for side, m in (("before", before), ("after", after))}
     return dtypes if dtypes["before"] != dtypes["after"] else None
 
 
