@@ -538,7 +538,7 @@ def bench_dtype(model, tokenizer, prompts: dict, repeats: int, max_new_tokens: i
     import copy
 
     from nestune.evaluate.generate import HFGenerator
-    from nestune.models import encode_chat
+    from nestune.models import dtype_name, encode_chat
 
     copies = {dtype: model if model.dtype == dtype else copy.deepcopy(model).to(dtype)
               for dtype in (torch.float32, torch.bfloat16)}
@@ -551,12 +551,12 @@ def bench_dtype(model, tokenizer, prompts: dict, repeats: int, max_new_tokens: i
             m(**batch)
 
     def generate(m, name):
-        answers[name] = HFGenerator(m, tokenizer, batch_size=64, show_progress=False).generate(texts,
-                                                                                              max_new_tokens=max_new_tokens)
+        generator = HFGenerator(m, tokenizer, batch_size=64, show_progress=False)
+        answers[name] = generator.generate(texts, max_new_tokens=max_new_tokens)
 
     variants = {}
     for dtype, m in copies.items():
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         variants[f"forward_{name}"] = partial(forward, m)
         variants[f"generate_{name}"] = partial(generate, m, name)
     print("  dtype: warm-up", flush=True)
