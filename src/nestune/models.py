@@ -128,7 +128,7 @@ class LoadedModel:
 def default_dtype(device: str) -> torch.dtype:
     # bf16 is 2-3x slower than fp32 on CPUs without native bf16 (DATA.md), so fp32 there. On CPUs with it,
     # training stays fp32 too: trained in bf16, smollm2-135m's ASR after hardening was 16% and 26% on seeds 0 and
-    # 1, against 8% and 4% in fp32 (docs/experiments.md).
+    # 1, against 8% and 20% in fp32 (docs/experiments.md).
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
@@ -147,7 +147,7 @@ def native_bf16(device: str) -> bool:
 def evaluation_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """The dtype models are evaluated in: the one asked for; with auto, bf16 wherever the device computes in it
     natively, else fp32. Evaluation only runs forwards: on a CPU with AVX512-BF16 it took 0.45x the fp32 time on
-    smollm2-135m and gave the same figures within a question or two (docs/experiments.md)."""
+    smollm2-135m and moved the ASR after by 1-5 points (docs/experiments.md)."""
     if dtype not in (None, "auto"):
         return parse_dtype(dtype, device)
     return torch.bfloat16 if native_bf16(device) else default_dtype(device)
