@@ -16,7 +16,7 @@ import torch
 from .config import SELECTION_METHODS, Config
 from .errors import NestuneError
 from .io import read_json, write_json
-from .models import LoadedModel, dtype_name, evaluation_dtype, load_model, resolve_device
+from .models import LoadedModel, dtype_name, evaluation_dtype, load_model
 from .report import benign_shift, build_report, print_metrics, print_summary
 from .runfolder import RunFolder
 
@@ -31,15 +31,14 @@ def load(cfg: Config, spec: str | None = None, dtype: torch.dtype | None = None)
 
 
 def eval_dtype(cfg: Config) -> torch.dtype:
-    return evaluation_dtype(cfg.dtype, resolve_device(cfg.device))
+    return evaluation_dtype(cfg.dtype, cfg.device)
 
 
 def load_for_eval(cfg: Config, spec: str | None = None, base: LoadedModel | None = None) -> LoadedModel:
     """The model evaluated, in the evaluation's dtype (bf16 on a CPU with native bf16 while training runs in
     fp32): `base` itself when it is already in that dtype, else a copy loaded in it."""
-    if base is not None and base.model.dtype == eval_dtype(cfg):
-        return base
-    return load(cfg, spec, eval_dtype(cfg))
+    dtype = eval_dtype(cfg)
+    return base if base is not None and base.model.dtype == dtype else load(cfg, spec, dtype)
 
 
 def evaluate_stage(cfg: Config, run: RunFolder, stage: str, loaded: LoadedModel) -> dict:

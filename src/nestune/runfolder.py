@@ -66,11 +66,11 @@ def stage_settings(cfg: Config, stage: str) -> dict:
         keys = [key] if key else list(values[section])
         settings.update({f"{section}.{k}": values[section][k] for k in keys if f"{section}.{k}" not in SPEED_ONLY})
     if stage.startswith("eval"):
-        from .models import dtype_name, evaluation_dtype, resolve_device
+        from .models import dtype_name, evaluation_dtype
 
         # with dtype auto, what the machine decides (models.evaluation_dtype): answers of another dtype are
         # another model's, so a run moved to a machine that evaluates in another one does not mix them
-        settings["eval_dtype"] = dtype_name(evaluation_dtype(cfg.dtype, resolve_device(cfg.device)))
+        settings["eval_dtype"] = dtype_name(evaluation_dtype(cfg.dtype, cfg.device))
     return settings
 
 
