@@ -32,8 +32,8 @@ Sections (each figure is printed next to its target from the issue):
 5. e2e: the stage wall times a finished `nestune run` wrote to RUN/timings.json (nothing is launched).
 
 Timing: each method or variant is warmed up once, then run --repeats times; min/median/max are kept and
-ratios use medians. Capture and generation variants alternate within each repeat, so a busy machine slows
-them alike. Training methods run one after the other, because attaching LoRA rewraps the model's modules.
+ratios use medians. Training methods, capture and generation variants take turns within each repeat, so a
+busy machine slows them alike (LoRA and full fine-tuning train copies of the model for this).
 
 Peak memory of a training step is the most memory the step allocates on top of what was allocated before
 it: activations, gradients, optimizer state (created in the measured step) and temporaries. The model's
@@ -49,6 +49,7 @@ library scratch space).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -256,29 +257,53 @@ def adapter_for(rows: dict, per_neuron: bool, seed: int):
     return NeSTAdapter(specs)
 
 
-def train_steps(model, batch: dict, cfg, params: dict, lr: float, repeats: int, device: torch.device) -> dict:
-    """Step time, step memory, trainable parameters and optimizer state of training `params` on `batch`."""
-    from nestune.train import response_loss
+class Trainee:
+    """One method of the training benchmark: the model it runs, the parameters it trains with its optimizer,
+    and what to switch on before its step and off after (hooks on the shared model)."""
 
-    # The floor trains nothing, and AdamW refuses an empty parameter list: it has no optimizer step.
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.train.weight_decay) \
-        if params else None
+    def __init__(self, model, params: dict, lr: float, cfg, on=None, off=None):
+        self.model, self.params, self.cfg = model, params, cfg
+        self.on, self.off = on or (lambda: None), off or (lambda: None)
+        # The floor trains nothing, and AdamW refuses an empty parameter list: it has no optimizer step.
+        self.optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.train.weight_decay) \
+            if params else None
 
-    def step():
-        response_loss(model, batch, cfg).backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def step(self, batch: dict) -> None:
+        from nestune.train import response_loss
 
-    model.train()  # as train_loop does: LoRA's dropout is part of its cost
-    peak = step_memory(step, device)  # the first step, which also creates the optimizer state
-    step()  # warm-up outside the profiler
-    times = [time_once(step, device) for _ in range(repeats)]
-    model.eval()
-    state = [v for s in optimizer.state.values() for v in s.values()] if optimizer else []
-    return {"step_s": spread(times), "peak_bytes": peak,
-            "trainable_params": sum(p.numel() for p in params.values()),
-            "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state if torch.is_tensor(t))}
+        response_loss(self.model, batch, self.cfg).backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def sizes(self) -> dict:
+        state = [v for s in self.optimizer.state.values() for v in s.values()] if self.optimizer else []
+        return {"trainable_params": sum(p.numel() for p in self.params.values()),
+                "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state if torch.is_tensor(t))}
+
+
+def train_steps(trainees: dict[str, Trainee], batch: dict, repeats: int, device: torch.device) -> dict:
+    """Step time and step memory of every method, the methods taking turns within each repeat."""
+
+    def run(trainee, measure):
+        trainee.on()
+        trainee.model.train()  # as train_loop does: LoRA's dropout is part of its cost
+        try:
+            return measure(lambda: trainee.step(batch), device)
+        finally:
+            trainee.model.eval()
+            trainee.off()
+
+    # The first step also creates the optimizer state; then one warm-up step outside the profiler.
+    peaks = {name: run(t, step_memory) for name, t in trainees.items()}
+    for t in trainees.values():
+        run(t, lambda step, device: step())
+    times: dict[str, list[float]] = {name: [] for name in trainees}
+    for _ in range(repeats):
+        for name, t in trainees.items():
+            times[name].append(run(t, time_once))
+    return {name: {"step_s": spread(times[name]), "peak_bytes": peaks[name], **t.sizes()}
+            for name, t in trainees.items()}
 
 
 def bench_train(model, tokenizer, prompts: dict, repeats: int, device: torch.device, seed: int) -> dict:
@@ -294,47 +319,47 @@ def bench_train(model, tokenizer, prompts: dict, repeats: int, device: torch.dev
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)
-    methods = {}
-
-    def say(name):
-        print(f"  train: {name}", flush=True)
+    print("  train: floor, NeST, per-neuron, LoRA and full fine-tuning, in turns", flush=True)
+    # LoRA rewraps the model's modules and full fine-tuning changes every weight, so each gets its own copy of
+    # the model (tied weights stay tied in a deepcopy); the floor, NeST and per-neuron updates hook the loaded
+    # model in turn. Each repeat then times one step of every method, so a machine that slows for a while
+    # slows them alike.
+    lora_model = attach_lora(copy.deepcopy(model), cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.lora_dropout)
+    full_model = copy.deepcopy(model)
+    full_params = dict(full_model.named_parameters())  # tied weights appear once
+    for p in full_params.values():
+        p.requires_grad_(True)
 
     # (a) Floor: the input embeddings' output requires grad, so backward runs through the whole frozen model.
-    say("floor (frozen model, backward to the input embeddings)")
-    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
-    methods["floor"] = train_steps(model, batch, cfg, {}, 0.0, repeats, device)
-    hook.remove()
+    floor_hook = []
+    embeddings = model.get_input_embeddings()
+
+    def floor_on():
+        floor_hook.append(embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True)))
 
     # (b) NeST and (e) per-neuron updates, on the same rows.
     rows_by_target = random_rows(model, seed)
-    for name, per_neuron in (("nest", False), ("neurons", True)):
-        say(name)
-        adapter = adapter_for(rows_by_target, per_neuron, seed).attach(model)
-        methods[name] = train_steps(model, batch, cfg, dict(adapter.named_parameters()), METHOD_LR[name],
-                                    repeats, device)
+    nest, neurons = adapter_for(rows_by_target, False, seed), adapter_for(rows_by_target, True, seed)
+    trainees = {
+        "floor": Trainee(model, {}, 0.0, cfg, floor_on, lambda: floor_hook.pop().remove()),
+        "nest": Trainee(model, dict(nest.named_parameters()), METHOD_LR["nest"], cfg,
+                        lambda: nest.attach(model), nest.detach),
+        "neurons": Trainee(model, dict(neurons.named_parameters()), METHOD_LR["neurons"], cfg,
+                           lambda: neurons.attach(model), neurons.detach),
+        # (c) LoRA on every decoder linear, (d) full fine-tuning.
+        "lora": Trainee(lora_model, trainable_parameters(lora_model), METHOD_LR["lora"], cfg),
+        "full": Trainee(full_model, full_params, METHOD_LR["full"], cfg),
+    }
+    methods = train_steps(trainees, batch, repeats, device)
+    del trainees, lora_model, full_model, full_params
+    for name, adapter in (("nest", nest), ("neurons", neurons)):
         methods[name]["n_rows"] = sum(len(s.rows) for s in adapter.specs)
         methods[name]["n_updates"] = sum(s.k for s in adapter.specs)
-        if name == "nest":
-            say("nest: shuffled batches whole and in length-sorted parts")
-            parts = length_parts_epoch(model, tokenizer, prompts, cfg, repeats, device, seed)
-        adapter.detach()
 
-    # (c) LoRA on every decoder linear; unloaded afterwards, which puts the original modules back.
-    say("lora")
-    t = cfg.train
-    peft_model = attach_lora(model, t.lora_r, t.lora_alpha, t.lora_dropout)
-    methods["lora"] = train_steps(peft_model, batch, cfg, trainable_parameters(peft_model), METHOD_LR["lora"],
-                                  repeats, device)
-    peft_model.unload()
-
-    # (d) Full fine-tuning, last: it changes the weights (tied weights appear once in named_parameters).
-    say("full")
-    params = dict(model.named_parameters())
-    for p in params.values():
-        p.requires_grad_(True)
-    methods["full"] = train_steps(model, batch, cfg, params, METHOD_LR["full"], repeats, device)
-    for p in params.values():
-        p.requires_grad_(False)
+    print("  train: nest: shuffled batches whole and in length-sorted parts", flush=True)
+    nest.attach(model)
+    parts = length_parts_epoch(model, tokenizer, prompts, cfg, repeats, device, seed)
+    nest.detach()
 
     tokens = int(batch["attention_mask"].sum())
     return {"batch": {"examples": len(examples), "width": batch["input_ids"].shape[1], "tokens": tokens},
