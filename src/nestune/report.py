@@ -377,7 +377,8 @@ def render_markdown(results: dict) -> str:
             lines.append(f"  - agreement with human labels ({name}, n={v.get('n')}): accuracy "
                          f"{v.get('accuracy', 0):.3f}, precision {v.get('precision', 0):.3f}, recall "
                          f"{v.get('recall', 0):.3f}")
-    lines.append(f"- decoding: {results.get('decoding')}")
+    decoding = results.get("decoding") or {}
+    lines.append("- decoding: " + ", ".join(f"{k}={v}" for k, v in decoding.items()))
     if results.get("mixed_eval_dtypes"):
         mixed = results["mixed_eval_dtypes"]
         lines.append(f"- **warning:** the evaluation before ran in {mixed['before']}, the evaluation after in "
